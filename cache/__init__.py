@@ -1,0 +1,8 @@
+"""The kdcache store format: one Zarr v3 store holding token sequences and cached teacher targets.
+
+`cache.schema` defines the layout (the spec is docs/cache-format.md); `cache.reader` reads shards
+through memory maps for training; `cache.verify` checks integrity; `cache.config` is the run config
+whose copy the store keeps as provenance; `cache.cli` is the `kdcache` command.
+"""
+
+FORMAT_VERSION = 1

@@ -1,0 +1,259 @@
+"""The store schema: every group, array, dtype, chunking, codec and attribute of a kdcache store.
+
+This is the one module that knows the layout (spec: docs/cache-format.md). Writers
+(`precompute/`) create arrays through it; readers (`student/`, `cache.reader`, the CLI)
+open and check stores through it.
+
+    cache.zarr/                       root attrs: format_version, seq_len, vocab_size, tokenizer_sha256, ...
+      tokens/<split>                  [N, L] token ids
+      teachers/<name>/                attrs: teacher identity, k, temperatures, layers, dtypes, modes
+        <split>/topk_logits           [N, L, k] float16, sorted descending (temperature 1)
+        <split>/topk_ids              [N, L, k] uint16 | int32
+        <split>/lse                   [N, L, n_temperatures] float32: logsumexp(logits / T)
+        <split>/sample_ids            [N, L, S] uint16 | int32   (random-sampling KD, optional)
+        <split>/sample_counts         [N, L, S] uint16            (0 = padding)
+        <split>/hidden_<l>            [N, L, H] float16 | int8    (optional, per cached layer)
+        <split>/hidden_<l>_scale      [N, L] float16              (int8 only: value = q * scale)
+        <split>/complete              [n_shards] uint8            (1 once a shard is fully written)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from cache import FORMAT_VERSION
+from cache.config import CodecConfig
+
+TOKENS = "tokens"
+TEACHERS = "teachers"
+COMPLETE = "complete"
+SOFTWARE_VERSION = "0.1.0"
+
+
+class StoreError(ValueError):
+    """A store that is missing, malformed, incomplete or does not match what the caller expects."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Shape past the [N, L] (sequence, position) axes, and dtype."""
+
+    trailing: tuple[int, ...]
+    dtype: str
+
+
+def ids_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65536 else "int32"
+
+
+def compressors(codec: CodecConfig) -> list[BloscCodec]:
+    if codec.cname == "none":
+        return []
+    return [BloscCodec(cname=codec.cname, clevel=codec.clevel, shuffle=codec.shuffle)]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_sha256(tokenizer_dir: str | Path) -> str:
+    """Identity of a tokenizer: the sha256 of its tokenizer.json (vocabulary, merges, normaliser, specials)."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise StoreError(f"{path}: tokenizer.json not found")
+    return sha256_file(path)
+
+
+def token_digest(tokens: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
+
+
+def num_shards(num_sequences: int, per_shard: int) -> int:
+    return -(-num_sequences // per_shard)
+
+
+def shard_range(shard: int, num_sequences: int, per_shard: int) -> range:
+    return range(shard * per_shard, min((shard + 1) * per_shard, num_sequences))
+
+
+def open_store(path: str, mode: str = "r") -> zarr.Group:
+    """Open a store (a local path or any fsspec URL zarr accepts) and check its format version."""
+    try:
+        root = zarr.open_group(store=str(path), mode=mode, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as e:
+        raise StoreError(f"{path}: not a kdcache store ({e.__class__.__name__}: {e})") from None
+    version = root.attrs.get("format_version")
+    if mode != "w" and version is None and mode == "r":
+        raise StoreError(f"{path}: not a kdcache store (no format_version attribute)")
+    if version is not None and version != FORMAT_VERSION:
+        raise StoreError(f"{path}: store format version {version}, this kdcache reads version {FORMAT_VERSION}")
+    return root
+
+
+def create_store(path: str, attrs: dict[str, Any]) -> zarr.Group:
+    """Create (or reopen) the root group with its provenance attributes."""
+    root = zarr.open_group(store=str(path), mode="a", zarr_format=3)
+    root.attrs.update({"format_version": FORMAT_VERSION, "kdcache_version": SOFTWARE_VERSION, **attrs})
+    return root
+
+
+def create_sharded_array(
+    group: zarr.Group,
+    name: str,
+    num_sequences: int,
+    seq_len: int,
+    spec: ArraySpec,
+    per_shard: int,
+    codec: CodecConfig,
+    attrs: dict[str, Any] | None = None,
+) -> zarr.Array:
+    """A [N, L, ...] array sharded along sequences: one shard = `per_shard` sequences, one inner chunk = one sequence."""
+    shape = (num_sequences, seq_len, *spec.trailing)
+    return group.create_array(
+        name,
+        shape=shape,
+        dtype=spec.dtype,
+        shards=(min(per_shard, max(num_sequences, 1)), seq_len, *spec.trailing),
+        chunks=(1, seq_len, *spec.trailing),
+        compressors=compressors(codec),
+        fill_value=0,
+        # An all-zero inner chunk must still be written: the direct reader maps every chunk.
+        config={"write_empty_chunks": True},
+        attributes=attrs or {},
+        overwrite=True,
+    )
+
+
+def write_tokens(root: zarr.Group, split: str, tokens: np.ndarray, per_shard: int, codec: CodecConfig, vocab_size: int) -> None:
+    tokens = tokens.astype(ids_dtype(vocab_size))
+    group = root.require_group(TOKENS)
+    arr = create_sharded_array(
+        group, split, tokens.shape[0], tokens.shape[1], ArraySpec((), tokens.dtype.name), per_shard, codec,
+        attrs={"digest": token_digest(tokens), "per_shard": per_shard},
+    )
+    arr[...] = tokens
+
+
+def read_tokens(root: zarr.Group, split: str) -> np.ndarray:
+    try:
+        return root[f"{TOKENS}/{split}"][...]
+    except KeyError:
+        raise StoreError(f"{root.store}: no token split {split!r}") from None
+
+
+def splits(root: zarr.Group) -> list[str]:
+    return sorted(root[TOKENS].array_keys()) if TOKENS in root else []
+
+
+def teacher_names(root: zarr.Group) -> list[str]:
+    return sorted(root[TEACHERS].group_keys()) if TEACHERS in root else []
+
+
+def teacher_array_specs(
+    k: int, vocab_size: int, n_temperatures: int, samples: int, hidden_sizes: dict[int, int], hidden_dtype: str
+) -> dict[str, ArraySpec]:
+    """Every array of one teacher split, from the cache settings."""
+    ids = ids_dtype(vocab_size)
+    specs = {
+        "topk_logits": ArraySpec((k,), "float16"),
+        "topk_ids": ArraySpec((k,), ids),
+        "lse": ArraySpec((n_temperatures,), "float32"),
+    }
+    if samples:
+        width = min(samples, vocab_size)
+        specs["sample_ids"] = ArraySpec((width,), ids)
+        specs["sample_counts"] = ArraySpec((width,), "uint16")
+    for layer, size in sorted(hidden_sizes.items()):
+        specs[f"hidden_{layer}"] = ArraySpec((size,), hidden_dtype)
+        if hidden_dtype == "int8":
+            specs[f"hidden_{layer}_scale"] = ArraySpec((), "float16")
+    return specs
+
+
+def create_teacher_split(
+    root: zarr.Group,
+    teacher: str,
+    split: str,
+    specs: dict[str, ArraySpec],
+    teacher_attrs: dict[str, Any],
+    per_shard: int,
+    codec: CodecConfig,
+) -> zarr.Group:
+    """Create `teachers/<teacher>/<split>` with empty arrays and an all-zero completion record."""
+    tokens = root[f"{TOKENS}/{split}"]
+    n, seq_len = tokens.shape
+    tgroup = root.require_group(TEACHERS).require_group(teacher)
+    tgroup.attrs.update(teacher_attrs)
+    group = tgroup.require_group(split)
+    group.attrs.update({"num_sequences": n, "per_shard": per_shard, "token_digest": tokens.attrs["digest"]})
+    for name, spec in specs.items():
+        create_sharded_array(group, name, n, seq_len, spec, per_shard, codec)
+    group.create_array(COMPLETE, shape=(num_shards(n, per_shard),), chunks=(1,), dtype="uint8",
+                       fill_value=0, compressors=[], overwrite=True)
+    return group
+
+
+def completed_shards(split_group: zarr.Group) -> np.ndarray:
+    return split_group[COMPLETE][...].astype(bool)
+
+
+def mark_shard_complete(split_group: zarr.Group, shard: int) -> None:
+    # One chunk per shard: ranks marking different shards never touch the same object.
+    split_group[COMPLETE][shard] = 1
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def check_store(
+    root: zarr.Group,
+    *,
+    tokenizer_sha: str | None = None,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+    teachers: Iterable[str] = (),
+    split_names: Iterable[str] = (),
+    require_complete: bool = True,
+) -> None:
+    """Refuse a store that does not match what the consumer expects; one message lists every problem."""
+    where = str(root.store)
+    attrs = root.attrs
+    problems = []
+    for key, want in (("tokenizer_sha256", tokenizer_sha), ("vocab_size", vocab_size), ("seq_len", seq_len)):
+        if want is not None and attrs.get(key) != want:
+            problems.append(f"{key} is {attrs.get(key)!r}, expected {want!r}")
+    have_splits = splits(root)
+    for split in split_names:
+        if split not in have_splits:
+            problems.append(f"no token split {split!r} (have {have_splits})")
+    have_teachers = teacher_names(root)
+    for teacher in teachers:
+        if teacher not in have_teachers:
+            problems.append(f"no teacher {teacher!r} (have {have_teachers})")
+            continue
+        for split in split_names:
+            path = f"{TEACHERS}/{teacher}/{split}"
+            if path not in root:
+                problems.append(f"teacher {teacher!r} has no split {split!r}")
+                continue
+            group = root[path]
+            if group.attrs.get("token_digest") != root[f"{TOKENS}/{split}"].attrs.get("digest"):
+                problems.append(f"teacher {teacher!r} split {split!r} was computed on other tokens (digest differs)")
+            done = completed_shards(group)
+            if require_complete and not done.all():
+                problems.append(f"teacher {teacher!r} split {split!r} is incomplete: {int(done.sum())}/{done.size} shards")
+    if problems:
+        raise StoreError(f"{where}: " + "; ".join(problems))

@@ -1,0 +1,1 @@
+"""Writes the store: corpus and demo grammar, tokenizer, packed token sequences, and the teachers' cached targets."""

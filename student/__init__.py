@@ -1,0 +1,1 @@
+"""Trains and evaluates language models: the plain LM trainer (teachers), distillation against the store (students), evaluation and export."""

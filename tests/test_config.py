@@ -1,0 +1,73 @@
+"""Config loading: the shipped configs load, and every kind of bad config names its file and key."""
+
+from pathlib import Path
+
+import pytest
+
+from cache.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo", "strict_small", "mini_real"])
+def test_shipped_configs_load(name, monkeypatch):
+    monkeypatch.setenv("BABYLM_DIR", "/data/babylm")
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.name == name
+    assert len(cfg.teachers) == 2
+    assert cfg.distill.temperature in cfg.cache.temperatures
+
+
+def test_strict_small_is_the_seed_recipe(monkeypatch):
+    monkeypatch.setenv("BABYLM_DIR", "/data/babylm")
+    cfg = load_config(REPO / "configs" / "strict_small.yaml")
+    assert cfg.corpus.train == ["/data/babylm/train_10M"]
+    assert (cfg.tokenizer.vocab_size, cfg.data.seq_len) == (16000, 128)
+    llama, gpt2 = cfg.teachers
+    assert (llama.model.hidden_size, llama.model.intermediate_size, llama.model.num_layers, llama.model.num_heads) == (256, 1024, 8, 8)
+    assert (gpt2.model.arch, gpt2.model.hidden_size, gpt2.model.num_layers, gpt2.model.num_heads) == ("gpt2", 768, 12, 12)
+    s = cfg.student
+    assert (s.hidden_size, s.intermediate_size, s.num_layers, s.num_heads, s.tie_embeddings) == (512, 1024, 16, 8, False)
+    assert cfg.distill.hard_weight == 0.5 and cfg.teacher_weights() == {"llama-16m": 0.25, "gpt2-97m": 0.25}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("name: x\nbogus: 1\n", "unknown key 'bogus'"),
+        ("name: x\ndata: {seq_len: sixty}\n", "data.seq_len: expected int"),
+        ("name: x\ndistill: {form: magic}\n", "distill.form: 'magic' is not one of"),
+        ("seed: 1\n", "missing required key 'name'"),
+        ("name: x\nteachers: [{name: a, model: {hidden: 3}}]\n", "teachers[0].model: unknown key 'hidden'"),
+        ("name: x\ncache: {temperatures: [2.0]}\n", "must include 1.0"),
+        ("name: x\ncorpus: {kind: babylm}\n", "corpus.train must list"),
+        ("name: x\ncorpus: {kind: babylm, train: ['${NO_SUCH_VAR_KD}/t']}\n", "NO_SUCH_VAR_KD is not set"),
+        ("", "empty"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_env_default_and_int_to_float(tmp_path, monkeypatch):
+    monkeypatch.delenv("KD_UNSET_DIR", raising=False)
+    path = write(tmp_path, "name: x\ncorpus: {kind: babylm, train: ['${KD_UNSET_DIR:-/fallback}/t']}\ndistill: {temperature: 1}\n")
+    cfg = load_config(path)
+    assert cfg.corpus.train == ["/fallback/t"]
+    assert isinstance(cfg.distill.temperature, float)
