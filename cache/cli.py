@@ -40,3 +40,7 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="kdcache")
 def main() -> None:
     """kdcache: cache teachers once into a sharded Zarr store, distil students against it."""
+
+
+if __name__ == "__main__":
+    main()

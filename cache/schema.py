@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from cache import FORMAT_VERSION
 from cache.config import CodecConfig
@@ -48,16 +48,19 @@ class ArraySpec:
 
     trailing: tuple[int, ...]
     dtype: str
+    # Small chunks that barely compress (tokens, lse) skip Blosc: its fixed per-call cost dominates their reads.
+    compress: bool = True
 
 
 def ids_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "int32"
 
 
-def compressors(codec: CodecConfig) -> list[BloscCodec]:
-    if codec.cname == "none":
-        return []
-    return [BloscCodec(cname=codec.cname, clevel=codec.clevel, shuffle=codec.shuffle)]
+def compressors(codec: CodecConfig, compress: bool = True) -> list[BloscCodec | Crc32cCodec]:
+    """Blosc (unless off), then a crc32c per inner chunk: without it most flipped bytes decode silently."""
+    if not compress or codec.cname == "none":
+        return [Crc32cCodec()]
+    return [BloscCodec(cname=codec.cname, clevel=codec.clevel, shuffle=codec.shuffle), Crc32cCodec()]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -127,7 +130,7 @@ def create_sharded_array(
         dtype=spec.dtype,
         shards=(min(per_shard, max(num_sequences, 1)), seq_len, *spec.trailing),
         chunks=(1, seq_len, *spec.trailing),
-        compressors=compressors(codec),
+        compressors=compressors(codec, spec.compress),
         fill_value=0,
         # An all-zero inner chunk must still be written: the direct reader maps every chunk.
         config={"write_empty_chunks": True},
@@ -140,7 +143,7 @@ def write_tokens(root: zarr.Group, split: str, tokens: np.ndarray, per_shard: in
     tokens = tokens.astype(ids_dtype(vocab_size))
     group = root.require_group(TOKENS)
     arr = create_sharded_array(
-        group, split, tokens.shape[0], tokens.shape[1], ArraySpec((), tokens.dtype.name), per_shard, codec,
+        group, split, tokens.shape[0], tokens.shape[1], ArraySpec((), tokens.dtype.name, compress=False), per_shard, codec,
         attrs={"digest": token_digest(tokens), "per_shard": per_shard},
     )
     arr[...] = tokens
@@ -169,7 +172,7 @@ def teacher_array_specs(
     specs = {
         "topk_logits": ArraySpec((k,), "float16"),
         "topk_ids": ArraySpec((k,), ids),
-        "lse": ArraySpec((n_temperatures,), "float32"),
+        "lse": ArraySpec((n_temperatures,), "float32", compress=False),
     }
     if samples:
         width = min(samples, vocab_size)

@@ -1,0 +1,413 @@
+"""`kdcache inspect | show | stats | verify | plot`: look at a store's soft targets before training on them.
+
+`inspect` reads metadata only (attributes, array shapes, completion records, file sizes), so it is instant
+on any store size. `show` decodes one position; `stats` and `plot` read a seeded sample of sequences
+(cache.stats). Nothing here imports torch. Every command takes `--json`; errors are one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+import numpy as np
+import zarr
+
+from cache import stats as st
+from cache.reader import local_path
+from cache.schema import TEACHERS, TOKENS, StoreError, completed_shards, open_store, sha256_file, splits, teacher_names
+
+# ---------------------------------------------------------------------------------------------------------------
+# Store access and metadata
+
+
+def store_errors(command: Callable) -> Callable:
+    """Turn a StoreError into click's one-line `Error: ...` and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except StoreError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def dir_bytes(path: str | Path) -> int:
+    """Bytes of every file under `path` (scandir only: no data is read)."""
+    total = 0
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                total += dir_bytes(entry.path)
+            elif entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def array_info(array: zarr.Array, store_dir: Path | None) -> dict:
+    on_disk = dir_bytes(store_dir / array.path) if store_dir else None  # None: a remote store
+    return {
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+        "raw_bytes": int(array.nbytes),
+        "bytes_on_disk": on_disk,
+        "compression_ratio": array.nbytes / on_disk if on_disk else None,
+    }
+
+
+def teacher_summary(root: zarr.Group, name: str, store_dir: Path | None) -> dict:
+    tgroup = root[f"{TEACHERS}/{name}"]
+    attrs = tgroup.attrs
+    shards, arrays, positions = {}, {}, 0
+    for split in sorted(tgroup.group_keys()):
+        group = tgroup[split]
+        done = completed_shards(group)
+        shards[split] = {"complete": int(done.sum()), "total": int(done.size)}
+        positions += int(np.prod(root[f"{TOKENS}/{split}"].shape))
+        for array_name in sorted(group.array_keys()):
+            arrays[f"{split}/{array_name}"] = array_info(group[array_name], store_dir)
+    on_disk = sum(a["bytes_on_disk"] for a in arrays.values()) if store_dir else None
+    raw = sum(a["raw_bytes"] for a in arrays.values())
+    return {
+        "k": attrs.get("k"),
+        "modes": list(attrs.get("modes", [])),
+        "temperatures": list(attrs.get("temperatures", [])),
+        "hidden_layers": list(attrs.get("hidden_layers", [])),
+        "hidden_dtype": attrs.get("hidden_dtype"),
+        "samples": attrs.get("samples", 0),
+        "ensemble_of": attrs.get("ensemble_of"),
+        "source": attrs.get("source"),
+        "complete": bool(shards) and all(s["complete"] == s["total"] for s in shards.values()),
+        "shards": shards,
+        "bytes_on_disk": on_disk,
+        "raw_bytes": raw,
+        "bytes_per_position": on_disk / positions if on_disk and positions else None,
+        "compression_ratio": raw / on_disk if on_disk else None,
+        "arrays": arrays,
+    }
+
+
+def summarize(root: zarr.Group, store: str) -> dict:
+    store_dir = local_path(store)
+    attrs = root.attrs
+    return {
+        "store": store,
+        "format_version": attrs.get("format_version"),
+        "kdcache_version": attrs.get("kdcache_version"),
+        "seq_len": attrs.get("seq_len"),
+        "vocab_size": attrs.get("vocab_size"),
+        "tokenizer_sha256": attrs.get("tokenizer_sha256"),
+        "splits": {
+            s: {"num_sequences": int(root[f"{TOKENS}/{s}"].shape[0]), **array_info(root[f"{TOKENS}/{s}"], store_dir)}
+            for s in splits(root)
+        },
+        "teachers": {t: teacher_summary(root, t, store_dir) for t in teacher_names(root)},
+    }
+
+
+def check_split(root: zarr.Group, split: str) -> None:
+    if split not in splits(root):
+        raise StoreError(f"{root.store}: no split {split!r} (have {', '.join(splits(root)) or 'none'})")
+
+
+def check_teachers(root: zarr.Group, wanted: tuple[str, ...]) -> list[str]:
+    """The requested teachers in order, or every teacher when none is named."""
+    have = teacher_names(root)
+    if not have:
+        raise StoreError(f"{root.store}: no teacher targets in this store yet")
+    for name in wanted:
+        if name not in have:
+            raise StoreError(f"{root.store}: unknown teacher {name!r} (have {', '.join(have)})")
+    return list(wanted) or have
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens as text
+
+
+def load_tokenizer(store: str, explicit: str | None, want_sha: str | None) -> Any:
+    """The store's tokenizer: `--tokenizer` (must match the store's sha256) or the run's sibling `tokenizer/` dir
+    (skipped with a warning when it does not match); None when there is none, so ids are shown instead."""
+    from tokenizers import Tokenizer
+
+    if explicit:
+        path = Path(explicit) / "tokenizer.json" if Path(explicit).is_dir() else Path(explicit)
+        if not path.is_file():
+            raise StoreError(f"{explicit}: no tokenizer.json here")
+    else:
+        store_dir = local_path(store)
+        path = store_dir.resolve().parent / "tokenizer" / "tokenizer.json" if store_dir else None
+        if path is None or not path.is_file():
+            return None
+    if want_sha and sha256_file(path) != want_sha:
+        message = f"{path}: not the store's tokenizer (sha256 differs from the store's tokenizer_sha256)"
+        if explicit:
+            raise StoreError(message)
+        click.echo(f"warning: {message}; showing token ids", err=True)
+        return None
+    return Tokenizer.from_file(str(path))
+
+
+def decode(tokenizer: Any, ids: Sequence[int] | np.ndarray) -> str:
+    if tokenizer is None:
+        return " ".join(f"#{int(i)}" for i in ids)
+    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """One token as text; a token holding part of a UTF-8 character shows as its vocabulary entry instead."""
+    text = decode(tokenizer, [token_id])
+    return tokenizer.id_to_token(int(token_id)) if "\ufffd" in text and tokenizer is not None else text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Human output
+
+NUMERIC = re.compile(r"^(-|-?\d[\d.]*( [KMGT]?i?B)?)$")
+POSITION_BUCKETS = 8  # rows of the by-position table in `stats`
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """Aligned columns: a column whose cells all look like numbers (or sizes, or "-") is right-aligned."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    right = [bool(rows) and all(NUMERIC.match(r[i]) for r in cells[1:]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip() for row in cells
+    )
+
+
+def emit(as_json: bool, document: dict, human: Callable[[dict], str]) -> None:
+    click.echo(json.dumps(document, indent=2) if as_json else human(document))
+
+
+def inspect_text(s: dict) -> str:
+    head = table(["store", s["store"]], [
+        ["format", f"{s['format_version']} (kdcache {s['kdcache_version']})"],
+        ["seq_len", s["seq_len"]], ["vocab_size", s["vocab_size"]], ["tokenizer", f"sha256 {s['tokenizer_sha256']}"],
+    ])
+    split_rows = [[n, x["num_sequences"], x["num_sequences"] * s["seq_len"], human_bytes(x["bytes_on_disk"])]
+                  for n, x in s["splits"].items()]
+    teacher_rows, array_rows = [], []
+    for name, t in s["teachers"].items():
+        hidden = f"{','.join(map(str, t['hidden_layers']))} {t['hidden_dtype']}" if t["hidden_layers"] else "-"
+        done = ", ".join(f"{sp} {x['complete']}/{x['total']}" for sp, x in t["shards"].items())
+        temperatures = ",".join(f"{x:g}" for x in t["temperatures"])
+        teacher_rows.append([name, t["k"], ",".join(t["modes"]), temperatures, hidden, done, human_bytes(t["bytes_on_disk"]),
+                             num(t["bytes_per_position"], 1), num(t["compression_ratio"], 2)])
+        for array, a in t["arrays"].items():
+            array_rows.append([f"{name}/{array}", "x".join(map(str, a["shape"])), a["dtype"], human_bytes(a["raw_bytes"]),
+                               human_bytes(a["bytes_on_disk"]), num(a["compression_ratio"], 2)])
+    parts = [head, table(["split", "sequences", "positions", "tokens on disk"], split_rows)]
+    if teacher_rows:
+        header = ["teacher", "k", "modes", "T", "hidden", "shards complete", "on disk", "B/position", "ratio"]
+        parts += [table(header, teacher_rows), table(["array", "shape", "dtype", "raw", "on disk", "ratio"], array_rows)]
+    return "\n\n".join(parts)
+
+
+def show_text(d: dict) -> str:
+    names = list(d["teachers"])
+    head = [f"{d['split']} sequence {d['seq']} position {d['pos']}, T = {d['temperature']:g}",
+            f"context:    {d['context']!r}", f"next token: {d['next_token']!r}"]
+    for name, t in d["teachers"].items():
+        if not t["exact"]:
+            head.append(f"{name}: T = {d['temperature']:g} is not cached (have {t['temperatures']}): "
+                        f"probabilities renormalised over its top-{t['k']}, tail mass unknown")
+    teachers = list(d["teachers"].values())
+
+    def ranked(t: dict, rank: int) -> tuple[str, str]:
+        return (repr(t["tokens"][rank]), f"{t['probs'][rank]:.4f}") if rank < len(t["tokens"]) else ("", "")
+
+    listed = max(len(t["tokens"]) for t in teachers)
+    rows = [[rank + 1] + [c for t in teachers for c in ranked(t, rank)] for rank in range(listed)]
+    rows.append(["rest of top-k"] + [c for t in teachers for c in ("", num(max(t["topk_mass"] - sum(t["probs"]), 0.0), 4))])
+    rows.append(["tail"] + [c for t in teachers for c in ("", num(t["tail_mass"], 4))])
+    header = ["#"] + [x for n in names for x in (n, "p")]
+    return "\n".join(head) + "\n\n" + table(header, rows)
+
+
+def bucket_mean(values: list[float | None], positions: np.ndarray) -> float | None:
+    known = [values[i] for i in positions if values[i] is not None]
+    return sum(known) / len(known) if known else None
+
+
+def stats_text(s: dict) -> str:
+    curves = [(n, t, per_t[t]) for n, per_t in s["teachers"].items() for t in per_t]  # (teacher, temperature, stats)
+    overall = [[n, t] + [num(m["topk_mass"][q]) for q in ("mean", "p5", "p50", "p95")]
+               + [num(m["entropy"][q]) for q in ("mean", "p50")] for n, t, m in curves]
+    parts = [f"split {s['split']}: {s['num_sequences']} sampled sequences ({s['positions']} positions, seed {s['seed']})",
+             table(["teacher", "T", "top-k mass", "p5", "p50", "p95", "entropy", "p50"], overall)]
+    if s["agreement"]:
+        rows = [[" vs ".join(a["teachers"]), num(a["top1_match"]), num(a["topk_overlap"])]
+                + ["  ".join(f"T={t}: {num(j['mean'], 4)}" for t, j in a["jsd"].items())] for a in s["agreement"]]
+        parts.append(table(["teachers", "top-1 match", "top-k overlap", "JSD on shared top-k (nats)"], rows))
+    seq_len = len(curves[0][2]["entropy_by_position"])
+    buckets = [b for b in np.array_split(np.arange(seq_len), POSITION_BUCKETS) if b.size]
+    columns = [(f"H {n}@{t}", m["entropy_by_position"]) for n, t, m in curves]
+    columns += [(f"top1 {'/'.join(a['teachers'])}", a["top1_match_by_position"]) for a in s["agreement"]]
+    rows = [[f"{b[0]}-{b[-1]}"] + [num(bucket_mean(v, b)) for _, v in columns] for b in buckets]
+    parts.append("by position (mean over sampled sequences):\n" + table(["positions"] + [c for c, _ in columns], rows))
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+
+
+def sample_options(command: Callable) -> Callable:
+    for option in reversed([
+        click.option("--sample", default=200, show_default=True, help="Sequences to read (seeded random sample)."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--split", default="train", show_default=True),
+        click.option("--teacher", "teachers", multiple=True, help="Teacher group (repeatable; default: all)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@click.command()
+@click.argument("store")
+@json_option
+@store_errors
+def inspect(store: str, as_json: bool) -> None:
+    """Summary of STORE from metadata only: splits, teachers, completion, bytes on disk."""
+    emit(as_json, summarize(open_store(store), store), inspect_text)
+
+
+def soft_target_entry(targets: st.Targets, temperature: float, top: int, tokenizer: Any) -> dict:
+    p, tail = st.soft_targets(targets, temperature)
+    ids = targets.ids[:top]
+    return {
+        "k": targets.ids.shape[-1],
+        "temperatures": targets.temperatures,
+        "exact": tail is not None,
+        "ids": ids.tolist(),
+        "tokens": [token_text(tokenizer, i) for i in ids],
+        "probs": p[:top].tolist(),
+        "topk_mass": float(p.sum()),
+        "tail_mass": None if tail is None else float(tail),
+    }
+
+
+@click.command()
+@click.argument("store")
+@click.option("--seq", type=int, required=True, help="Sequence index.")
+@click.option("--pos", type=int, default=None, help="Position (default: the last); its target predicts token pos+1.")
+@click.option("--teacher", "teachers", multiple=True, help="Teacher group (repeatable; default: all).")
+@click.option("-T", "--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top", type=int, default=10, show_default=True, help="How many of the top-k to list.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--tokenizer", "tokenizer_dir", help="Tokenizer dir (default: the run's tokenizer/ beside STORE).")
+@json_option
+@store_errors
+def show(store: str, seq: int, pos: int | None, teachers: tuple[str, ...], temperature: float, top: int,
+         split: str, tokenizer_dir: str | None, as_json: bool) -> None:
+    """The context at one position of STORE, its true next token, and each teacher's soft targets."""
+    root = open_store(store)
+    check_split(root, split)
+    names = check_teachers(root, teachers)
+    tokens = root[f"{TOKENS}/{split}"]
+    n, length = tokens.shape
+    pos = length - 1 if pos is None else pos
+    if not 0 <= seq < n:
+        raise click.ClickException(f"{store}: --seq {seq} is out of range: split {split!r} has sequences 0..{n - 1}")
+    if not 0 <= pos < length:
+        raise click.ClickException(f"{store}: --pos {pos} is out of range: sequences have positions 0..{length - 1}")
+    if temperature <= 0 or top <= 0:
+        raise click.ClickException(f"-T {temperature} and --top {top} must both be positive")
+    for name in names:
+        if not st.complete_sequences(root, name, split)[seq]:
+            raise StoreError(f"{store}: teacher {name!r} has not finished the shard holding {split} sequence {seq}")
+    tokenizer = load_tokenizer(store, tokenizer_dir, root.attrs.get("tokenizer_sha256"))
+    row = tokens[seq]
+    # position L-1 predicts the first token of the next sequence: sequences are consecutive cuts of one stream
+    next_id = int(row[pos + 1]) if pos + 1 < length else (int(tokens[seq + 1, 0]) if seq + 1 < n else None)
+    document = {
+        "store": store, "split": split, "seq": seq, "pos": pos, "temperature": temperature,
+        "context": decode(tokenizer, row[: pos + 1]),
+        "context_ids": row[: pos + 1].tolist(),
+        "next_token": None if next_id is None else token_text(tokenizer, next_id),
+        "next_token_id": next_id,
+        "teachers": {
+            name: soft_target_entry(st.read_targets(root, name, split, seq).position(pos), temperature, top, tokenizer)
+            for name in names
+        },
+    }
+    emit(as_json, document, show_text)
+
+
+@click.command()
+@click.argument("store")
+@sample_options
+@json_option
+@store_errors
+def stats(store: str, sample: int, seed: int, split: str, teachers: tuple[str, ...], as_json: bool) -> None:
+    """Top-k mass, entropy and teacher agreement by position over a seeded sample of STORE's sequences."""
+    emit(as_json, sampled_stats(store, sample, seed, split, teachers), stats_text)
+
+
+def sampled_stats(store: str, sample: int, seed: int, split: str, teachers: tuple[str, ...]) -> dict:
+    root = open_store(store)
+    check_split(root, split)
+    if sample <= 0:
+        raise click.ClickException(f"--sample {sample} must be positive")
+    return {"store": store, **st.compute_stats(root, split, check_teachers(root, teachers), sample, seed)}
+
+
+@click.command()
+@click.argument("store")
+@json_option
+@click.pass_context
+def verify(ctx: click.Context, store: str, as_json: bool) -> None:
+    """Check every shard of STORE: index checksums, shapes, completeness, NaN/inf, attributes. Exit 1 on any problem."""
+    from cache.verify import verify_store  # the checks decode every chunk: only load them when asked
+
+    try:
+        problems = verify_store(store)
+    except StoreError as e:
+        problems = [str(e)]
+    if as_json:
+        click.echo(json.dumps({"store": store, "ok": not problems, "problems": problems}, indent=2))
+    else:
+        click.echo("\n".join(problems) if problems else f"{store}: ok")
+    if problems:
+        ctx.exit(1)
+
+
+@click.command()
+@click.argument("store")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Figure file (.png, .pdf, .svg).")
+@sample_options
+@json_option
+@store_errors
+def plot(store: str, out: str, sample: int, seed: int, split: str, teachers: tuple[str, ...], as_json: bool) -> None:
+    """The `stats` of STORE as a figure: top-k mass histogram, entropy by position, teacher agreement."""
+    document = sampled_stats(store, sample, seed, split, teachers)
+    if not Path(out).parent.is_dir():
+        raise click.ClickException(f"{out}: directory {Path(out).parent} does not exist")
+    st.plot_stats(document, Path(out))
+    summary = {"store": store, "out": out, "split": split, "num_sequences": document["num_sequences"]}
+    emit(as_json, summary, lambda d: f"wrote {d['out']} ({d['num_sequences']} sampled {d['split']} sequences)")

@@ -1,0 +1,161 @@
+"""`verify_store`: decode every chunk of a local store and check it against the schema; one line per problem.
+
+Checked: every shard file of every complete shard is present with a valid index checksum and every inner chunk
+decodes to the right size (chunk bytes carry a checksum only when the inner codec chain ends in crc32c; without
+one, most flipped bytes in a compressed chunk decode silently to other values); shapes and dtypes against
+`cache.schema`; completeness; NaN/inf in float arrays; ids inside the vocabulary; top-k sorted descending; sample
+counts summing to `samples`; and the attributes that tie it together (format version, tokenizer, token digests,
+`k`, temperatures).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+
+from cache import FORMAT_VERSION
+from cache.reader import ShardedArrayReader, local_path
+from cache.schema import (
+    COMPLETE, TEACHERS, TOKENS, ArraySpec, StoreError, completed_shards, ids_dtype, num_shards, open_store,
+    read_tokens, shard_range, splits, teacher_array_specs, teacher_names, token_digest,
+)
+
+Check = Callable[[np.ndarray], str | None]  # one shard's data -> what is wrong with it, or None
+
+
+def verify_store(path: str | os.PathLike) -> list[str]:
+    """Every problem found in the store at `path` (a local directory), one line each; empty when sound."""
+    store = str(path)
+    root = open_store(store)
+    directory = local_path(store)
+    if directory is None:
+        raise StoreError(f"{store}: verify reads shard files directly and needs a local store")
+    attrs = root.attrs.asdict()
+    problems = [f"{store}: root attribute {key!r} missing"
+                for key in ("seq_len", "vocab_size", "tokenizer_sha256") if key not in attrs]
+    if problems:
+        return problems
+    for split in splits(root):
+        problems += _verify_tokens(root, directory, split)
+    for teacher in teacher_names(root):
+        problems += _verify_teacher(root, directory, teacher)
+    return problems
+
+
+def _verify_tokens(root: zarr.Group, directory: Path, split: str) -> list[str]:
+    path = f"{TOKENS}/{split}"
+    vocab = root.attrs["vocab_size"]
+    shape = (root[path].shape[0], root.attrs["seq_len"])
+    problems = _verify_array(directory, path, shape, ArraySpec((), ids_dtype(vocab)), None, [_ids_below(vocab)])
+    if not problems and token_digest(read_tokens(root, split)) != root[path].attrs.get("digest"):
+        problems.append(f"{path}: stored tokens do not match the digest attribute")
+    return problems
+
+
+def _verify_teacher(root: zarr.Group, directory: Path, teacher: str) -> list[str]:
+    group_path = f"{TEACHERS}/{teacher}"
+    attrs = root[group_path].attrs.asdict()
+    where = f"{group_path}: attribute"
+    problems = [f"{where} {key!r} missing" for key in ("k", "temperatures") if key not in attrs]
+    if problems:
+        return problems
+    if attrs.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        problems.append(f"{where} format_version is {attrs['format_version']!r}, expected {FORMAT_VERSION}")
+    if attrs.get("tokenizer_sha256", root.attrs["tokenizer_sha256"]) != root.attrs["tokenizer_sha256"]:
+        problems.append(f"{where} tokenizer_sha256 differs from the store's")
+    if 1.0 not in attrs["temperatures"]:  # the spec: T = 1 is always cached (the exact top-k + tail targets)
+        problems.append(f"{where} temperatures {attrs['temperatures']} lack 1.0")
+    for split in sorted(root[group_path].group_keys()):
+        problems += _verify_teacher_split(root, directory, teacher, split, attrs)
+    return problems
+
+
+def _verify_teacher_split(root: zarr.Group, directory: Path, teacher: str, split: str,
+                          attrs: dict[str, Any]) -> list[str]:
+    path = f"{TEACHERS}/{teacher}/{split}"
+    group = root[path]
+    if f"{TOKENS}/{split}" not in root:
+        return [f"{path}: no token split {split!r} to go with it"]
+    tokens = root[f"{TOKENS}/{split}"]
+    n, seq_len = tokens.shape
+    problems = []
+    if group.attrs.get("token_digest") != tokens.attrs.get("digest"):
+        problems.append(f"{path}: token_digest differs from {TOKENS}/{split}'s digest (computed on other tokens)")
+    if group.attrs.get("num_sequences") != n:
+        problems.append(f"{path}: num_sequences is {group.attrs.get('num_sequences')!r}, tokens have {n}")
+    per_shard = group.attrs.get("per_shard", 1)
+    done = completed_shards(group) if COMPLETE in group else np.zeros(0, dtype=bool)
+    if done.size != num_shards(n, per_shard):
+        return problems + [f"{path}/{COMPLETE}: {done.size} entries, expected {num_shards(n, per_shard)} shards"]
+    if not done.all():
+        missing = np.flatnonzero(~done).tolist()
+        problems.append(f"{path}: incomplete: {int(done.sum())}/{done.size} shards complete (not: {missing})")
+    have = set(group.array_keys())
+    hidden = {int(name.removeprefix("hidden_")): group[name].shape[-1] for name in have
+              if name.startswith("hidden_") and not name.endswith("_scale")}
+    specs = teacher_array_specs(attrs["k"], root.attrs["vocab_size"], len(attrs["temperatures"]),
+                                attrs.get("samples", 0), hidden, attrs.get("hidden_dtype") or "float16")
+    wanted = [f"hidden_{layer}" for layer in attrs.get("hidden_layers", [])]
+    problems += [f"{path}: array {name!r} missing" for name in sorted(set(specs) | set(wanted)) if name not in have]
+    for name in sorted(set(specs) & have):
+        checks = _value_checks(name, specs[name], root.attrs["vocab_size"], attrs.get("samples", 0))
+        problems += _verify_array(directory, f"{path}/{name}", (n, seq_len), specs[name], done, checks)
+    return problems
+
+
+def _verify_array(directory: Path, path: str, shape: tuple[int, int], spec: ArraySpec, done: np.ndarray | None,
+                  checks: list[Check]) -> list[str]:
+    """Decode every shard marked in `done` (None: every shard) and run `checks` on each."""
+    try:
+        reader = ShardedArrayReader(directory / path)
+    except StoreError as e:
+        return [str(e)]
+    want = (*shape, *spec.trailing)
+    if reader.shape != want or reader.dtype != np.dtype(spec.dtype):
+        return [f"{path}: {reader.dtype}{list(reader.shape)}, expected {spec.dtype}{list(want)}"]
+    if done is None:
+        done = np.ones(num_shards(shape[0], reader.per_shard), dtype=bool)
+    problems = []
+    found: dict[str, list[int]] = defaultdict(list)  # what is wrong -> the shards where it is
+    for shard in np.flatnonzero(done).tolist():
+        try:
+            block = reader.read_sequences(shard_range(shard, shape[0], reader.per_shard))
+        except StoreError as e:
+            problems.append(str(e))
+            continue
+        for check in checks:
+            if (what := check(block)) is not None:
+                found[what].append(shard)
+    return problems + [f"{path}: {what} (shards {shards})" for what, shards in found.items()]
+
+
+def _value_checks(name: str, spec: ArraySpec, vocab_size: int, samples: int) -> list[Check]:
+    checks = [_finite] if np.dtype(spec.dtype).kind == "f" else []
+    if name in ("topk_ids", "sample_ids"):
+        checks.append(_ids_below(vocab_size))
+    if name == "topk_logits":
+        checks.append(_sorted_descending)
+    if name == "sample_counts":
+        checks.append(lambda counts: None if (counts.sum(-1, dtype=np.int64) == samples).all()
+                      else f"sample counts do not sum to samples={samples}")
+    return checks
+
+
+def _finite(block: np.ndarray) -> str | None:
+    return None if np.isfinite(block).all() else "NaN or inf values"
+
+
+def _sorted_descending(block: np.ndarray) -> str | None:
+    return "top-k values not sorted descending" if (np.diff(block, axis=-1) > 0).any() else None
+
+
+def _ids_below(vocab_size: int) -> Check:
+    def check(block: np.ndarray) -> str | None:
+        inside = block.size == 0 or (block.min() >= 0 and block.max() < vocab_size)
+        return None if inside else f"token ids outside [0, {vocab_size})"
+    return check
