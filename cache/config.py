@@ -259,6 +259,7 @@ def _validate(cfg: Config) -> None:
         (all(t.model.max_position >= cfg.data.seq_len for t in cfg.teachers),
          "every teacher's model.max_position must be >= data.seq_len"),
         (cfg.distill.form != "sampled" or cfg.cache.samples > 0, "distill.form 'sampled' needs cache.samples > 0"),
+        (0 <= cfg.cache.samples <= 65535, "cache.samples must be in [0, 65535] (counts are stored as uint16)"),
         (cfg.distill.form != "seed_exact" or cfg.cache.ensemble, "distill.form 'seed_exact' needs cache.ensemble: true"),
     ]
     names = {t.name for t in cfg.teachers}

@@ -91,10 +91,15 @@ def shard_range(shard: int, num_sequences: int, per_shard: int) -> range:
     return range(shard * per_shard, min((shard + 1) * per_shard, num_sequences))
 
 
+def _storage_options(path: str) -> dict[str, Any] | None:
+    # fsspec's local filesystem does not create parent folders unless asked; zarr's nested keys need them.
+    return {"auto_mkdir": True} if str(path).startswith("file://") else None
+
+
 def open_store(path: str, mode: str = "r") -> zarr.Group:
     """Open a store (a local path or any fsspec URL zarr accepts) and check its format version."""
     try:
-        root = zarr.open_group(store=str(path), mode=mode, zarr_format=3)
+        root = zarr.open_group(store=str(path), mode=mode, zarr_format=3, storage_options=_storage_options(path))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as e:
         raise StoreError(f"{path}: not a kdcache store ({e.__class__.__name__}: {e})") from None
     version = root.attrs.get("format_version")
@@ -107,7 +112,7 @@ def open_store(path: str, mode: str = "r") -> zarr.Group:
 
 def create_store(path: str, attrs: dict[str, Any]) -> zarr.Group:
     """Create (or reopen) the root group with its provenance attributes."""
-    root = zarr.open_group(store=str(path), mode="a", zarr_format=3)
+    root = zarr.open_group(store=str(path), mode="a", zarr_format=3, storage_options=_storage_options(path))
     root.attrs.update({"format_version": FORMAT_VERSION, "kdcache_version": SOFTWARE_VERSION, **attrs})
     return root
 
