@@ -1,0 +1,115 @@
+"""`kdcache data`: corpus -> tokenizer -> fixed-length token sequences in the run's Zarr store.
+
+Each split becomes one token stream (lines in order, no `<s>`/`</s>` between them: the BabyLlama
+convention; every line starts with the tokenizer's prefix space, so words stay words), cut into
+sequences of `data.seq_len` at fixed boundaries: the teachers' targets are cached per position,
+so sequence i must mean the same tokens forever. The final partial sequence is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+import numpy as np
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
+
+from cache import schema
+from cache.config import Config, ConfigError, RunPaths, load_config, run_paths
+from cache.schema import StoreError
+from precompute.corpus import CorpusError, CorpusSplit, build_corpus, staged
+from precompute.tokenizer import TokenizerError, train_tokenizer
+
+SPLITS = ("train", "dev")
+ENCODE_BATCH = 10_000  # lines per encode_batch call: parallel in Rust, bounded Python memory
+
+
+def encode_stream(tokenizer: Tokenizer, lines: list[str]) -> np.ndarray:
+    """All lines as one int32 token stream, without special tokens."""
+    parts = [np.zeros(0, np.int32)]
+    for start in range(0, len(lines), ENCODE_BATCH):
+        encodings = tokenizer.encode_batch(lines[start : start + ENCODE_BATCH], add_special_tokens=False)
+        parts.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int32))
+    return np.concatenate(parts)
+
+
+def pack(stream: np.ndarray, seq_len: int) -> tuple[np.ndarray, int]:
+    """[N, seq_len] sequences cut at fixed boundaries, and the number of tokens dropped from the end."""
+    n = len(stream) // seq_len
+    return stream[: n * seq_len].reshape(n, seq_len), len(stream) - n * seq_len
+
+
+def check_replaceable(store: Path, overwrite: bool) -> None:
+    """Refuse to replace a store holding teacher targets: they are only valid for its tokens."""
+    if overwrite or not store.exists():
+        return
+    teachers = schema.teacher_names(schema.open_store(str(store)))
+    if teachers:
+        raise StoreError(
+            f"{store}: holds cached targets of teachers {teachers}; re-tokenising would invalidate them "
+            f"(pass --overwrite to replace the store)"
+        )
+
+
+def write_store(cfg: Config, paths: RunPaths, tokenizer: PreTrainedTokenizerFast, corpus: dict[str, CorpusSplit]) -> None:
+    """Build the store beside its final path and move it into place once every split is written."""
+    vocab_size = len(tokenizer)
+    attrs = {
+        "seq_len": cfg.data.seq_len,
+        "vocab_size": vocab_size,
+        "tokenizer_sha256": schema.tokenizer_sha256(paths.tokenizer),
+        "special_ids": {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id},
+        "corpus_files": {split: corpus[split].sources for split in SPLITS},
+        "config": cfg.to_dict(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with staged(paths.store) as tmp:
+        root = schema.create_store(str(tmp), attrs)
+        for split in SPLITS:
+            stream = encode_stream(tokenizer.backend_tokenizer, corpus[split].lines)
+            sequences, dropped = pack(stream, cfg.data.seq_len)
+            if len(sequences) == 0:
+                raise CorpusError(
+                    f"{cfg.source_path}: the {split} split has {len(stream)} tokens, "
+                    f"fewer than one sequence of data.seq_len {cfg.data.seq_len}"
+                )
+            schema.write_tokens(root, split, sequences, cfg.data.sequences_per_shard, cfg.cache.codec, vocab_size)
+            root[f"{schema.TOKENS}/{split}"].attrs.update(
+                {"lines": len(corpus[split].lines), "tokens": len(stream), "dropped_tokens": dropped}
+            )
+
+
+def prepare_data(cfg: Config, runs_root: str | Path = "runs", overwrite: bool = False) -> RunPaths:
+    """Corpus -> tokenizer -> token store, all under runs_root/<name>/."""
+    paths = run_paths(cfg, runs_root)
+    check_replaceable(paths.store, overwrite)  # before the tokenizer the teachers used is retrained
+    corpus = build_corpus(cfg, paths)
+    tokenizer = train_tokenizer(
+        paths.corpus / "train.txt", cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, paths.tokenizer
+    )
+    write_store(cfg, paths, tokenizer, corpus)
+    return paths
+
+
+@click.command("data")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Run config (YAML).")
+@click.option("--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Directory holding runs/<name>/.")
+@click.option("--overwrite", is_flag=True, help="Replace a store that already holds teacher targets.")
+def data(config_path: str, runs_root: str, overwrite: bool) -> None:
+    """Clean the corpus, train the tokenizer and write token sequences to runs/<name>/cache.zarr."""
+    try:
+        paths = prepare_data(load_config(config_path), runs_root, overwrite)
+    except (ConfigError, StoreError, CorpusError, TokenizerError) as e:
+        raise click.ClickException(str(e)) from None
+    root = schema.open_store(str(paths.store))
+    for split in SPLITS:
+        arr = root[f"{schema.TOKENS}/{split}"]
+        click.echo(
+            f"{split}: {arr.attrs['lines']:,} lines, {arr.attrs['tokens']:,} tokens -> "
+            f"{arr.shape[0]:,} sequences of {arr.shape[1]} ({arr.attrs['dropped_tokens']} dropped)"
+        )
+    click.echo(f"vocab {root.attrs['vocab_size']:,}; wrote {paths.corpus}, {paths.tokenizer}, {paths.store}")

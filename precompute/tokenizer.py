@@ -1,0 +1,76 @@
+"""The BabyLlama tokenizer: byte-level BPE trained on the cleaned train split, saved as a Hugging Face directory.
+
+NFKC normaliser, ByteLevel pre-tokenizer with add_prefix_space (so a line's first word is tokenised
+like any other word), specials `<pad>`, `<s>`, `</s>` = ids 0, 1, 2, no unknown token (bytes cover
+everything). The directory also carries vocab.json + merges.txt for loaders of the slow GPT-2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from precompute.corpus import staged
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}  # ids 0, 1, 2 in this order
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be trained or loaded; the message names the file."""
+
+
+def train_bpe(corpus_file: Path, vocab_size: int, min_frequency: int) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(corpus_file)], trainer)
+    got = tokenizer.get_vocab_size()
+    if got < vocab_size:
+        raise TokenizerError(
+            f"{corpus_file}: tokenizer.vocab_size {vocab_size} is larger than this corpus supports: "
+            f"BPE with min_frequency {min_frequency} stops at {got} tokens; set tokenizer.vocab_size <= {got}"
+        )
+    return tokenizer
+
+
+def save_hf_directory(tokenizer: Tokenizer, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tokenizer.model.save(str(out_dir))  # vocab.json, merges.txt
+    # Written by hand rather than by save_pretrained: transformers 5 names its own backend class there,
+    # which transformers 4 (the BabyLM evaluation pipelines) cannot load.
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **SPECIAL_TOKENS,
+        "unk_token": None,
+        "add_prefix_space": True,
+        "clean_up_tokenization_spaces": False,  # keep " ." as is: decode must invert encode
+    }
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", SPECIAL_TOKENS)):
+        (out_dir / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
+def train_tokenizer(corpus_file: Path, vocab_size: int, min_frequency: int, out_dir: Path) -> PreTrainedTokenizerFast:
+    """Train on `corpus_file` and save to `out_dir` (replaced only once complete)."""
+    tokenizer = train_bpe(corpus_file, vocab_size, min_frequency)
+    with staged(out_dir) as tmp:
+        save_hf_directory(tokenizer, tmp)
+    return load_tokenizer(out_dir)
+
+
+def load_tokenizer(tokenizer_dir: str | Path) -> PreTrainedTokenizerFast:
+    path = Path(tokenizer_dir)
+    if not (path / "tokenizer.json").is_file():
+        raise TokenizerError(f"{path}: no tokenizer.json here (run `kdcache data` first)")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
