@@ -40,7 +40,7 @@ $(RUN)/.cache.done: $(RUN)/.teachers.done
 
 distill: $(RUN)/.distill.done eval
 $(RUN)/.distill.done: $(RUN)/.cache.done
-	$(RUNPY) distill --config $(CONFIG) --resume
+	$(RUNPY) distill --config $(CONFIG) --resume --baseline
 	touch $@
 
 eval: $(RUN)/.distill.done

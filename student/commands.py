@@ -1,4 +1,4 @@
-"""The `kdcache` subcommands of the student package: teachers, eval, export (listed in cache/cli.py).
+"""The `kdcache` subcommands of the student package: teachers, distill, eval, export (listed in cache/cli.py).
 
 Each command turns the package's errors into one clear line (click.ClickException).
 """
@@ -13,6 +13,7 @@ import click
 
 from cache.config import Config, ConfigError, load_config, run_paths
 from cache.schema import StoreError
+from student.distill import distill as run_distill
 from student.evaluate import EvalError, compare, evaluate_model
 from student.export import ExportError, export_model, load_model_dir
 from student.train import TrainError, init_distributed, model_from_checkpoint, train_teacher
@@ -45,6 +46,28 @@ def teachers(config_path: str, runs_root: str, names: tuple[str, ...], resume: b
         raise fail(e) from None
 
 
+@click.command("distill")
+@click.option("--config", "config_path", required=True, help="Run config (YAML).")
+@click.option("--runs-root", default="runs", show_default=True, help="Directory holding runs/<name>/.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint, if any.")
+@click.option("--baseline", is_flag=True, help="Also train the same student without distillation (runs/<name>/baseline).")
+@click.option("--online", is_flag=True, help="Instead: the online baseline, teachers in memory, dense KL (runs/<name>/online).")
+def distill(config_path: str, runs_root: str, resume: bool, baseline: bool, online: bool) -> None:
+    """Train the student on hard labels + KL to every cached teacher (+ hidden alignment); no teacher is loaded."""
+    main = init_distributed().main
+    try:
+        cfg = load_config(config_path)
+        out = run_distill(cfg, runs_root, resume=resume, online=online)
+        if main:
+            click.echo(f"student: saved {out}")
+        if baseline and not online:
+            out = run_distill(cfg, runs_root, resume=resume, baseline=True)
+            if main:
+                click.echo(f"baseline (no distillation): saved {out}")
+    except ERRORS as e:
+        raise fail(e) from None
+
+
 def model_name(model_dir: str) -> str:
     """runs/x/teachers/llama/model -> llama; any other directory -> its own name."""
     path = Path(model_dir).resolve()
@@ -55,7 +78,8 @@ def run_models(cfg: Config, runs_root: str) -> dict[str, str]:
     """Every teacher and student model of a run that exists: name -> directory."""
     paths = run_paths(cfg, runs_root)
     candidates = {t.name: t.pretrained or str(paths.teacher(t.name) / "model") for t in cfg.teachers}
-    candidates |= {"student": str(paths.student / "model"), "baseline": str(paths.baseline / "model")}
+    candidates |= {"student": str(paths.student / "model"), "baseline": str(paths.baseline / "model"),
+                   "online": str(paths.root / "online" / "model")}
     for name, path in candidates.items():
         if not Path(path).is_dir():
             click.echo(f"{name}: no model at {path}, skipped")

@@ -122,6 +122,14 @@ def sampled_kl(student_logits: Tensor, sample_ids: Tensor, sample_counts: Tensor
     return _cross_entropy_terms(p, p.log(), log_q_ids) * temperature**2
 
 
+def dense_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) over the full vocabulary, per position: the online
+    baseline's loss (teachers in memory), plain autograd."""
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+
+
 def hidden_alignment_loss(
     student_hidden: Tensor, teacher_hidden: Tensor, projection: nn.Module, kind: Literal["mse", "cosine"]
 ) -> Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 from student.losses import (
     HiddenProjections,
     TeacherTargets,
+    dense_kl,
     distillation_loss,
     hard_cross_entropy,
     hidden_alignment_loss,
@@ -317,3 +318,13 @@ def test_distillation_loss_rejects_a_teacher_without_its_arrays():
     logits, input_ids, _ = _batch(1, 3, 10, 1.0)
     with pytest.raises(ValueError, match="needs"):
         distillation_loss(logits, input_ids, [TeacherTargets("t", 1.0, "tail", topk_ids=input_ids)], 0.0, 1.0)
+
+
+def test_dense_kl_equals_tail_bucket_with_full_support():
+    """The online baseline's dense KL is the tail-bucket KL when the top-k is the whole vocabulary."""
+    torch.manual_seed(3)
+    s, t = torch.randn(5, 40), torch.randn(5, 40) * 2
+    T = 2.0
+    vals, ids = t.topk(40, dim=-1)
+    lse = torch.logsumexp(t / T, dim=-1)
+    assert torch.allclose(dense_kl(s, t, T), tail_bucket_kl(s, vals, ids, lse, T), atol=1e-5)
