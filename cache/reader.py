@@ -55,10 +55,14 @@ class ShardLayout:
     dtype: np.dtype  # with the byte order the `bytes` codec stored
     per_shard: int  # sequences per shard; the inner chunk is one sequence
     fill_value: np.ndarray
-    compressed: bool  # a blosc codec follows `bytes`
+    blosc: dict[str, Any] | None  # configuration of the blosc codec after `bytes` (cname, clevel, ...), if any
     checksummed: bool  # a crc32c codec ends the inner chain
     index_at_end: bool
     separator: str
+
+    @property
+    def compressed(self) -> bool:
+        return self.blosc is not None
 
     @property
     def chunk_nbytes(self) -> int:
@@ -77,8 +81,8 @@ def _named(entry: Any) -> tuple[str, dict]:
     return (entry.get("name"), entry.get("configuration", {})) if isinstance(entry, dict) else (str(entry), {})
 
 
-def _parse_inner_codecs(codecs: list, dtype: np.dtype, where: str) -> tuple[np.dtype, bool, bool]:
-    """[bytes, blosc?, crc32c?] -> (dtype with its stored byte order, compressed, checksummed)."""
+def _parse_inner_codecs(codecs: list, dtype: np.dtype, where: str) -> tuple[np.dtype, dict | None, bool]:
+    """[bytes, blosc?, crc32c?] -> (dtype with its stored byte order, blosc configuration or None, checksummed)."""
     names = [_named(c)[0] for c in codecs]
     if not names or names[0] != "bytes" or names[1:] not in ([], ["blosc"], ["crc32c"], ["blosc", "crc32c"]):
         raise StoreError(f"{where}: inner codecs {names} not supported (bytes, then optionally blosc, then crc32c)")
@@ -86,19 +90,26 @@ def _parse_inner_codecs(codecs: list, dtype: np.dtype, where: str) -> tuple[np.d
     if endian not in ("little", "big") and not (endian is None and dtype.itemsize == 1):
         raise StoreError(f"{where}: bytes codec endian {endian!r} not supported for {dtype}")
     stored = dtype.newbyteorder("<" if endian != "big" else ">")
-    return stored, "blosc" in names, names[-1] == "crc32c"
+    blosc = _named(codecs[1])[1] if "blosc" in names else None
+    return stored, blosc, names[-1] == "crc32c"
 
 
 def parse_layout(array_dir: Path) -> ShardLayout:
     """Read and validate `array_dir/zarr.json`; refuse any layout the direct reader cannot decode."""
     meta_path = array_dir / "zarr.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        text = meta_path.read_text()
     except FileNotFoundError:
         raise StoreError(f"{meta_path}: array metadata not found") from None
+    return layout_from_json(text, str(meta_path))
+
+
+def layout_from_json(text: str | bytes, where: str) -> ShardLayout:
+    """`parse_layout` of zarr.json text read from anywhere (`where` names it in errors)."""
+    try:
+        meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise StoreError(f"{meta_path}: not valid JSON ({e})") from None
-    where = str(meta_path)
+        raise StoreError(f"{where}: not valid JSON ({e})") from None
 
     def refuse(what: str) -> StoreError:
         return StoreError(f"{where}: {what}")
@@ -127,7 +138,7 @@ def parse_layout(array_dir: Path) -> ShardLayout:
     sharding = _named(codecs[0])[1]
     if tuple(sharding.get("chunk_shape", ())) != (1, *shape[1:]):
         raise refuse(f"inner chunk shape {sharding.get('chunk_shape')}: expected one sequence {[1, *shape[1:]]}")
-    stored, compressed, checksummed = _parse_inner_codecs(sharding.get("codecs", []), dtype, where)
+    stored, blosc, checksummed = _parse_inner_codecs(sharding.get("codecs", []), dtype, where)
     index_codecs = [_named(c) for c in sharding.get("index_codecs", [])]
     if index_codecs != [("bytes", {"endian": "little"}), ("crc32c", {})]:
         raise refuse(f"index codecs {sharding.get('index_codecs')}: expected bytes (little endian), crc32c")
@@ -139,7 +150,7 @@ def parse_layout(array_dir: Path) -> ShardLayout:
         fill_value = np.array(float(fill) if isinstance(fill, str) else fill, dtype=dtype)
     except (TypeError, ValueError):
         raise refuse(f"fill_value {meta.get('fill_value')!r} not supported for {dtype}") from None
-    return ShardLayout(shape, stored, shard_shape[0], fill_value, compressed, checksummed, location == "end", separator)
+    return ShardLayout(shape, stored, shard_shape[0], fill_value, blosc, checksummed, location == "end", separator)
 
 
 # ---------------------------------------------------------------------------------------------------------------
