@@ -6,8 +6,8 @@ hidden layers. With `cache.ensemble` all teachers see each batch together and th
 is cached as the group "ensemble" as well.
 
 Work is split into whole shards: a shard's targets are computed batch by batch, assembled in host memory,
-written array by array in one assignment each, and only then marked complete. A rerun skips complete
-shards, so a killed run resumes to the same bytes; under torchrun rank r computes shards r, r+W, ... The
+written array by array as whole shard files (cache.encoder), and only then marked complete. A rerun skips
+complete shards, so a killed run resumes to the same bytes; under torchrun rank r computes shards r, r+W, ... The
 group attributes carry a digest of everything that determines the targets, and a group computed with other
 settings or another teacher is never extended (--overwrite recomputes it).
 """
@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,7 +41,7 @@ from cache.schema import (
     create_teacher_split, num_shards, open_store, sha256_file, shard_range, splits as store_splits,
     teacher_array_specs,
 )
-from precompute.writer import ShardWriter, start_writer_processes
+from precompute.writer import ShardWriter
 
 ENSEMBLE = "ensemble"
 # Where the weights live and which kdcache wrote them do not change the targets.
@@ -76,7 +76,7 @@ class PrecomputeStats:
     rank: int = 0
     positions: int = 0
     seconds: float = 0.0
-    writer_wait_s: float = 0.0  # of `seconds`, the compute loop waited for the writers: the store set the pace
+    writer_wait_s: float = 0.0  # of `seconds`, the compute loop waited for the writer: the store set the pace
     shards_written: int = 0
     shards_skipped: int = 0
 
@@ -413,13 +413,13 @@ def _store_attrs(root: zarr.Group, store: str, split_names: list[str]) -> dict[s
 
 
 def _run_pass(root: zarr.Group, store: str, teachers: list[Teacher], plans: list[GroupPlan], cfg: Config,
-              device: torch.device, rank: int, world: int, writers: int, pool: Executor | None) -> PrecomputeStats:
+              device: torch.device, rank: int, world: int, writers: int) -> PrecomputeStats:
     """Compute and write this rank's incomplete shards of every split for one set of teachers."""
     cache, per_shard = cfg.cache, cfg.data.sequences_per_shard
     ensemble = any(plan.name == ENSEMBLE for plan in plans)
     stats = PrecomputeStats(rank=rank)
     layout = {plan.name: plan.specs for plan in plans}
-    writer = ShardWriter(store, layout, per_shard, root.attrs["seq_len"], device, writers, pool)
+    writer = ShardWriter(store, layout, per_shard, root.attrs["seq_len"], device, writers)
     start = time.perf_counter()
     ok = False
     try:
@@ -486,9 +486,9 @@ def _selected_teachers(cfg: Config, teachers: list[str] | tuple[str, ...] | None
 
 
 def default_writers(device: torch.device) -> int:
-    """Writer processes per rank: none on CPU (the cores run the teacher), else a share of this node's cores."""
+    """Threads compressing shards per rank: one on CPU (the cores run the teacher), else a share of the node's cores."""
     if device.type != "cuda":
-        return 0
+        return 1
     per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(8, per_rank - 2))
 
@@ -499,12 +499,13 @@ def precompute_targets(cfg: Config, runs_root: str | os.PathLike = "runs", overw
     """Cache the teachers' targets into the store (default runs/<name>/cache.zarr; any zarr path or URL).
 
     Each teacher is loaded once; with cache.ensemble all of them are loaded together. `writers` is the number
-    of writer processes (0 = one writer thread; default `default_writers`). Returns this rank's stats.
+    of threads compressing shards (default `default_writers`). Returns this rank's stats.
     """
     torch_device = resolve_device(device)
     writers = default_writers(torch_device) if writers is None else writers
+    if writers < 1:
+        raise ConfigError(f"writers {writers}: need at least one thread compressing shards")
     rank, world, owns_group = _init_distributed(torch_device)
-    pool = start_writer_processes(writers)
     try:
         store = str(store or run_paths(cfg, runs_root).store)
         root = open_store(store, mode="r+")
@@ -525,13 +526,11 @@ def precompute_targets(cfg: Config, runs_root: str | os.PathLike = "runs", overw
                 plans.append(ensemble_plan(cfg, loaded, store_attrs, precision))
             prepare_groups(root, store, plans, cfg, overwrite, rank, world)
             with torch.inference_mode():
-                stats.add(_run_pass(root, store, loaded, plans, cfg, torch_device, rank, world, writers, pool))
+                stats.add(_run_pass(root, store, loaded, plans, cfg, torch_device, rank, world, writers))
             del loaded
         _barrier(world)
         return stats
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
         if owns_group:
             dist.destroy_process_group()
 
@@ -565,8 +564,8 @@ def _synchronize(device: torch.device) -> None:
 @click.option("--overwrite", is_flag=True, help="recompute the selected teachers' groups from scratch")
 @click.option("--teacher", "teachers", multiple=True, help="only this teacher (repeatable)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--writers", type=click.IntRange(min=0), default=None,
-              help="writer processes per rank (0 = a writer thread) [default: 0 on CPU, up to 8 on CUDA]")
+@click.option("--writers", type=click.IntRange(min=1), default=None,
+              help="threads compressing shards per rank [default: 1 on CPU, up to 8 on CUDA]")
 def precompute(config_path: str, runs_root: str, store: str | None, overwrite: bool, teachers: tuple[str, ...],
                device: str, writers: int | None) -> None:
     """Cache the teachers' top-k logits, logsumexps, samples and hidden states for every token split."""
@@ -576,7 +575,7 @@ def precompute(config_path: str, runs_root: str, store: str | None, overwrite: b
         raise click.ClickException(str(e)) from None
     click.echo(f"rank {stats.rank}: {stats.shards_written} shards written, {stats.shards_skipped} already complete; "
                f"{stats.positions} positions in {stats.seconds:.1f} s ({stats.tokens_per_s:,.0f}/s, "
-               f"{stats.writer_wait_s:.1f} s waiting for the writers)")
+               f"{stats.writer_wait_s:.1f} s waiting for the writer)")
 
 
 if __name__ == "__main__":  # `python -m precompute.targets` (torchrun -m needs a module)
