@@ -1,0 +1,138 @@
+"""Item 3: random-batch read throughput per worker process (target >= 1.45M tokens/s: 5x the 290k tokens/s an
+H200 trains the 58M student at).
+
+One process, one thread, batches of 32 random sequences: tokens plus what the tail loss reads of two teachers
+(topk_logits, topk_ids, lse). Read by `cache.reader.StoreReader`, by `student.distill.DistillDataset` (the
+reader plus the conversion to tensors: what a DataLoader worker runs), by zarr-python (`oindex` on the same
+arrays) and from .npy memory maps of the same arrays (the limit: no decoding at all). The store is also
+re-encoded with other codecs (same arrays, written by `cache.encoder`) to show what the codec costs.
+
+    python tests/benchmarks/bench_reader.py [--profile cpu|seed|quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bench_precompute import precompute_store
+from benchlib import PROFILES, SPLIT, Section, Table, Target, run_section
+from cache.config import CodecConfig
+from cache.encoder import ShardedArrayWriter
+from cache.reader import StoreReader, ZarrArrayReader
+from cache.schema import (
+    TEACHERS, TOKENS, create_store, create_teacher_split, mark_shard_complete, num_shards, open_store, read_tokens,
+    shard_range, teacher_array_specs, write_tokens,
+)
+from precompute.targets import precompute_targets
+from student.distill import DistillDataset, KDPlan
+
+TARGET = 1.45e6  # tokens/s per worker
+BATCH = 32
+ARRAYS = ["topk_logits", "topk_ids", "lse"]
+RECODED = {"lz4 shuffle": CodecConfig(cname="lz4", clevel=1, shuffle="shuffle"), "no Blosc": CodecConfig(cname="none")}
+SECONDS = 1.5  # per reader: enough batches to time, few enough to stay quick
+
+
+def throughput(read: Callable[[np.ndarray], object], n: int, seq_len: int, seed: int = 0) -> float:
+    """Tokens per second of `read(indices)` over random batches (3 untimed first), for about SECONDS."""
+    rng = np.random.default_rng(seed)
+    batches = [rng.choice(n, BATCH, replace=False) for _ in range(3)]
+    for idx in batches:
+        read(idx)
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < SECONDS or count < 5:
+        read(rng.choice(n, BATCH, replace=False))
+        count += 1
+    return count * BATCH * seq_len / elapsed
+
+
+def npy_copies(store: str, keys: dict[str, str], workdir: Path) -> dict[str, np.ndarray]:
+    """Every array as an .npy file, memory-mapped."""
+    root = open_store(store)
+    maps = {}
+    for key, path in keys.items():
+        file = workdir / f"{key.replace('/', '_')}.npy"
+        np.save(file, root[path][...])
+        maps[key] = np.load(file, mmap_mode="r")
+    return maps
+
+
+def recode(store: str, teachers: list[str], dst: Path, codec: CodecConfig) -> str:
+    """The same tokens and tail-loss arrays in a new store whose teacher arrays use `codec`."""
+    src = open_store(store)
+    tokens = read_tokens(src, SPLIT)
+    root = create_store(str(dst), {key: src.attrs[key] for key in ("seq_len", "vocab_size", "tokenizer_sha256")})
+    per_shard = src[f"{TOKENS}/{SPLIT}"].attrs["per_shard"]
+    write_tokens(root, SPLIT, tokens, per_shard, codec, src.attrs["vocab_size"])
+    n = tokens.shape[0]
+    for teacher in teachers:
+        attrs = src[f"{TEACHERS}/{teacher}"].attrs.asdict()
+        specs = teacher_array_specs(attrs["k"], src.attrs["vocab_size"], len(attrs["temperatures"]), 0, {}, "float16")
+        group = create_teacher_split(root, teacher, SPLIT, specs, attrs, per_shard, codec)
+        for name in specs:
+            values = src[f"{TEACHERS}/{teacher}/{SPLIT}/{name}"][...]
+            writer = ShardedArrayWriter(str(dst), f"{group.path}/{name}")
+            for shard in range(num_shards(n, per_shard)):
+                rows = shard_range(shard, n, per_shard)
+                writer.write(shard, values[rows.start:rows.stop])
+        for shard in range(num_shards(n, per_shard)):
+            mark_shard_complete(group, shard)
+    return str(dst)
+
+
+def readers(store: str, teachers: list[str]) -> dict[str, Callable[[np.ndarray], object]]:
+    reader = StoreReader(store, teachers=teachers, arrays={t: ARRAYS for t in teachers}, split=SPLIT)
+    plan = KDPlan({t: 0.25 for t in teachers}, "tail", 2.0, {t: 1 for t in teachers}, (), 0.0, "mse")
+    dataset = DistillDataset(store, SPLIT, plan, {})
+    return {"cache.reader StoreReader.batch": reader.batch,
+            "DistillDataset.__getitems__ (reader + tensors)": lambda idx: dataset.__getitems__(idx.tolist())}
+
+
+def run(store: str, teachers: list[str], workdir: Path, data: str) -> Section:
+    root = open_store(store)
+    n, seq_len = root[f"{TOKENS}/{SPLIT}"].shape
+    keys = {"input_ids": f"{TOKENS}/{SPLIT}",
+            **{f"{t}/{a}": f"{TEACHERS}/{t}/{SPLIT}/{a}" for t in teachers for a in ARRAYS}}
+    maps = npy_copies(store, keys, workdir)
+    zarr_readers = {key: ZarrArrayReader(root[path]) for key, path in keys.items()}
+    limit = throughput(lambda idx: {k: m[idx] for k, m in maps.items()}, n, seq_len)
+    rows = [["npy memory maps (the limit)", "-", limit, 1.0]]
+    default = readers(store, teachers)
+    for name, read in default.items():
+        rows.append([name, "zstd1 bitshuffle (default)", throughput(read, n, seq_len), None])
+    primary = rows[1][2]
+    rows.append(["zarr-python oindex", "zstd1 bitshuffle (default)",
+                 throughput(lambda idx: {k: r.read_sequences(idx) for k, r in zarr_readers.items()}, n, seq_len), None])
+    for codec_name, codec in RECODED.items():
+        recoded = recode(store, teachers, workdir / f"{codec.cname}.zarr", codec)
+        for name, read in readers(recoded, teachers).items():
+            rows.append([name, codec_name, throughput(read, n, seq_len), None])
+    for row in rows:
+        row[3] = row[2] / limit
+    batch_mb = sum(m[:BATCH].nbytes for m in maps.values()) / 1e6
+    table = Table(["reader", "teacher arrays' codec", "tokens/s per worker", "x npy limit"], rows,
+                  f"{BATCH} x {seq_len} random batches, 2 teachers (topk_logits, topk_ids, lse), {batch_mb:.2f} MB "
+                  f"per batch decoded, {n} sequences, warm page cache; one process, one thread")
+    section = Section("3. Reader throughput per worker", [table], [
+        Target("cache.reader tokens/s per worker (default codec)", primary, TARGET, at_least=True),
+        Target("DistillDataset tokens/s per worker (default codec)", rows[2][2], TARGET, at_least=True),
+    ])
+    section.notes.append(f"Data: {data}.")
+    return section
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    profile = PROFILES[parser.parse_args().profile]
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
+        cfg, store = precompute_store(profile, Path(tmp))
+        precompute_targets(cfg, device=profile.device, store=store)
+        names = [t.name for t in cfg.teachers]
+        print(run_section(run, store, names, Path(tmp), "random-init teachers on synthetic tokens").markdown())

@@ -1,0 +1,183 @@
+"""Item 4: one student training step, plain LM vs offline KD vs online KD: time and peak memory.
+
+Targets (GPU): offline / plain step time <= 1.10 and peak memory <= 1.05; online / offline >= 1.8.
+
+The step is the trainer's: `LossModule` + `accumulate_gradients` (bf16 autocast on CUDA) + gradient clipping +
+fused AdamW, with the loss built as `kdcache distill` builds it (`student.distill.make_kd_loss` over a `KDPlan`,
+`make_online_loss` with both teachers in memory, `student.train.lm_loss`). The batch has
+the dtypes `DistillDataset` yields (float16 logits, int32 ids and counts, float32 lse); its teacher targets are
+the top-k, logsumexp and samples of random logits, made by precompute's own functions; like a DataLoader's
+batch it waits in (pinned) host memory, so every step pays its copy to the device as training does. Peak memory is
+torch.cuda.max_memory_allocated; a CPU has no comparable figure for torch, so it reads n/a there.
+
+    python tests/benchmarks/bench_step.py [--profile cpu|seed|quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from benchlib import PROFILES, SPECIAL_IDS, Profile, Section, Table, Target, median, run_section, time_calls
+from cache.config import TrainConfig
+from precompute.targets import logsumexps, sample_counts
+from student.distill import HiddenPair, KDPlan, make_kd_loss, make_online_loss
+from student.losses import HiddenProjections, uniform_layer_mapping
+from student.model import build_model
+from student.train import Dist, LossModule, MetricSums, accumulate_gradients, lm_loss, make_optimizer
+
+TEMPERATURE = 2.0
+HARD_WEIGHT = 0.5
+FORMS = ("tail", "renorm", "sampled")
+
+
+def teacher_batch(profile: Profile, device: torch.device, seed: int = 0) -> dict[str, Tensor]:
+    """Tokens plus every array any variant reads, for each teacher: made on the device, returned in host memory
+    (pinned on CUDA, as the trainer's DataLoader hands batches over)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    shape = (profile.batch, profile.seq_len)
+    batch = {"input_ids": torch.randint(3, profile.vocab, shape, generator=gen, device=device)}
+    for i, (name, teacher) in enumerate(profile.teachers.items()):
+        logits = torch.randn(*shape, profile.vocab, generator=gen, device=device) * 3
+        values, ids = logits.topk(profile.k, dim=-1)
+        sample_ids, counts = sample_counts(logits, profile.samples, 1.0, gen)
+        batch.update({f"{name}/topk_logits": values.half(), f"{name}/topk_ids": ids.int(),
+                      f"{name}/lse": logsumexps(logits, [TEMPERATURE])[..., 0],
+                      f"{name}/sample_ids": sample_ids.int(), f"{name}/sample_counts": counts.int()})
+        if i == 0:
+            batch[f"{name}/hidden_{profile.hidden_teacher_layer}"] = torch.randn(
+                *shape, teacher.hidden_size, generator=gen, device=device).half()
+        del logits
+    return {key: value.cpu().pin_memory() if device.type == "cuda" else value for key, value in batch.items()}
+
+
+def kd_plan(profile: Profile, form: str, hidden: bool) -> KDPlan:
+    teachers = list(profile.teachers)
+    pairs = ()
+    if hidden:
+        first = profile.teachers[teachers[0]]
+        [(student_layer, layer)] = uniform_layer_mapping(profile.student.num_layers, [profile.hidden_teacher_layer],
+                                                         first.num_layers)
+        pairs = (HiddenPair(student_layer, teachers[0], layer, first.hidden_size, quantized=False),)
+    return KDPlan({t: 0.25 for t in teachers}, form, TEMPERATURE, {t: 0 for t in teachers}, pairs,
+                  0.1 if hidden else 0.0, "mse")
+
+
+def measure_step(profile: Profile, device: torch.device, batch: dict[str, Tensor],
+                 make_loss: Callable[[], tuple[Callable, torch.nn.Module | None]]) -> tuple[float, float | None]:
+    """Median seconds of a full training step, and peak GiB on CUDA. A fresh student (same init) per call."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    model = build_model(profile.student, profile.vocab, SPECIAL_IDS).to(device)
+    loss_fn, extra = make_loss()
+    if extra is not None:
+        extra.to(device)
+    module = LossModule(model, extra, loss_fn, compile=False)
+    cfg = TrainConfig(batch_size=profile.batch)
+    optimizer = make_optimizer(module, cfg, device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    d, sums = Dist(0, 1, device), MetricSums(device)
+    module.train()
+
+    def step() -> None:
+        accumulate_gradients(module, iter([batch]), cfg, d, sums)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = median(time_calls(step, profile.warmup, profile.steps, device.type))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return seconds, peak
+
+
+def online_teachers(profile: Profile, device: torch.device) -> dict[str, torch.nn.Module]:
+    """Random-init teachers, frozen, as `load_online_teachers` holds them (float32 weights)."""
+    teachers = {}
+    for i, (name, shape) in enumerate(profile.teachers.items()):
+        torch.manual_seed(100 + i)
+        teachers[name] = build_model(shape, profile.vocab, SPECIAL_IDS).to(device).eval().requires_grad_(False)
+    return teachers
+
+
+LossMaker = Callable[[], tuple[Callable, torch.nn.Module | None]]  # -> (loss_fn, extra trainable modules)
+
+
+def variants(profile: Profile, device: torch.device) -> list[tuple[str, dict[str, Tensor], LossMaker]]:
+    """(name, batch, loss maker) of every step measured; each batch holds only what its loss reads."""
+    full = teacher_batch(profile, device)
+    tokens = {"input_ids": full["input_ids"]}
+    out = [("plain LM", tokens, lambda: (lm_loss, None))]
+    for form in FORMS:
+        for hidden in (False, True):
+            plan = kd_plan(profile, form, hidden)
+            wanted = {"input_ids", *(f"{t}/{a}" for t, arrays in plan.arrays().items() for a in arrays)}
+
+            def make(plan: KDPlan = plan) -> tuple[Callable, torch.nn.Module | None]:
+                pairs = [(p.student_layer, p.teacher, p.teacher_layer, p.teacher_dim) for p in plan.hidden]
+                projections = HiddenProjections(profile.student.hidden_size, pairs) if pairs else None
+                return make_kd_loss(plan, HARD_WEIGHT, projections), projections
+
+            out.append((f"offline {form}" + (" + hidden" if hidden else ""),
+                        {key: value for key, value in full.items() if key in wanted}, make))
+    weights = {t: 0.25 for t in profile.teachers}
+    # The teachers are built inside the maker: they are in memory (and in the peak) only for this variant.
+    out.append(("online KD (both teachers, dense KL)", tokens,
+                lambda: (make_online_loss(online_teachers(profile, device), weights, HARD_WEIGHT, TEMPERATURE), None)))
+    return out
+
+
+def run(profile: Profile) -> Section:
+    """Every variant, in `profile.passes` passes of alternating order (a drifting machine then biases none of
+    them); per variant the fastest pass's median and the largest peak."""
+    device = torch.device(profile.device)
+    steps = variants(profile, device)
+    measured: dict[str, list[tuple[float, float | None]]] = {name: [] for name, _, _ in steps}
+    for i in range(profile.passes):
+        for name, batch, make in steps if i % 2 == 0 else reversed(steps):
+            measured[name].append(measure_step(profile, device, batch, make))
+    results = {name: (min(s for s, _ in runs), None if runs[0][1] is None else max(m for _, m in runs))
+               for name, runs in measured.items()}
+    return section(profile, results)
+
+
+def section(profile: Profile, results: dict[str, tuple[float, float | None]]) -> Section:
+    plain_s, plain_mem = results["plain LM"]
+    offline_s = results["offline tail"][0]
+    tokens = profile.batch * profile.seq_len
+    rows = [[name, s * 1e3, tokens / s, s / plain_s, "n/a" if mem is None else f"{mem:.2f}",
+             "n/a" if mem is None else f"{mem / plain_mem:.3f}"] for name, (s, mem) in results.items()]
+    online_s = results["online KD (both teachers, dense KL)"][0]
+    table = Table(["step", "ms", "tokens/s", "x plain time", "peak GiB", "x plain memory"], rows,
+                  f"{profile.device}, student {profile.student.arch} {profile.student.hidden_size}x"
+                  f"{profile.student.num_layers}, teachers {', '.join(profile.teachers)}, vocab {profile.vocab}, "
+                  f"batch {profile.batch} x {profile.seq_len}, k={profile.k}, {profile.samples} samples, "
+                  f"median of {profile.steps} steps after {profile.warmup}, fastest of {profile.passes} passes")
+    targets = []
+    for name, (s, mem) in results.items():
+        if name.startswith("offline"):
+            targets.append(Target(f"{name} / plain, step time", s / plain_s, 1.10, at_least=False))
+            if mem is not None:
+                targets.append(Target(f"{name} / plain, peak memory", mem / plain_mem, 1.05, at_least=False))
+    if plain_mem is None:
+        targets.append(Target("offline / plain, peak memory", None, 1.05, at_least=False,
+                              note="no peak-memory figure for torch on a CPU"))
+    targets.append(Target("online / offline tail, step time", online_s / offline_s, 1.8, at_least=True))
+    section = Section("4. Student step: plain vs offline KD vs online KD", [table], targets)
+    if profile.device == "cpu":
+        section.notes.append("CPU shapes are the seed's halved and the batch is small: only the ratios carry over, "
+                             "and repeats on a shared 2-core machine move them by a few percent.")
+    return section
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    print(run_section(run, PROFILES[parser.parse_args().profile]).markdown())

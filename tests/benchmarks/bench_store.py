@@ -1,0 +1,282 @@
+"""Item 2: bytes per position of every cached array, per teacher and per codec (target: top-64 <= 150 B/position).
+
+Each array of a precomputed store is re-encoded shard by shard with `cache.encoder.encode_shard` under every
+codec tried, so a figure is exactly the shard files the store would hold with that codec (index and chunk
+checksums included; the default codec's figure is checked against the files on disk). Lossless transforms of
+`topk_logits` are encoded the same way and inverted to prove they are lossless.
+
+Real teacher data: the demo's trained teachers (runs/demo/teachers/*/model) when present, and a small Llama
+trained here for 200 steps on BabyLM text (switchboard and the 2023 test files) with a 16000-token BPE
+vocabulary, the seed's: the demo's 640-token vocabulary says little about a 16000-token cache.
+
+    python tests/benchmarks/bench_store.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from benchlib import (
+    PROFILES, REPO, SPLIT, Profile, Section, Table, Target, bench_config, run_section, save_random_teacher,
+    subset_store,
+)
+from cache.config import ModelConfig, TrainConfig, load_config
+from cache.encoder import encode_shard
+from cache.reader import parse_layout
+from cache.schema import TEACHERS, num_shards, open_store, shard_range
+from precompute.data import prepare_data
+from precompute.targets import precompute_targets
+from student.model import build_model, count_parameters
+from student.train import TokenDataset, lm_loss, train
+
+TARGET = 150.0  # bytes per position, top-64 (logits + ids + lse)
+CODECS: dict[str, dict | None] = {
+    "zstd1 bitshuffle (default)": {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"},
+    "zstd3 bitshuffle": {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"},
+    "zstd1 byte shuffle": {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"},
+    "lz4 shuffle": {"cname": "lz4", "clevel": 1, "shuffle": "shuffle"},
+    "none": None,
+}
+DEFAULT = next(iter(CODECS))
+TOPK = ("topk_logits", "topk_ids", "lse")
+SAMPLED = ("sample_ids", "sample_counts")
+REAL_STEPS = 200
+REAL_SHAPE = ModelConfig(arch="llama", hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
+                         max_position=128)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lossless transforms of the sorted top-k logits (float16, descending along the last axis).
+
+
+def order_keys(values: np.ndarray) -> np.ndarray:
+    """float16 -> uint16 keys in the same order as the values (negative floats have their bits flipped)."""
+    bits = values.view(np.uint16)
+    return np.where(bits & 0x8000, ~bits, bits | 0x8000).astype(np.uint16)
+
+
+def from_keys(keys: np.ndarray) -> np.ndarray:
+    bits = np.where(keys & 0x8000, keys & 0x7FFF, ~keys).astype(np.uint16)
+    return bits.view(np.float16)
+
+
+def keys_from_max(values: np.ndarray) -> np.ndarray:
+    """Column 0: the row max's key; column i: key(max) - key(v_i), small and non-negative (uint16 wraps, so exact)."""
+    keys = order_keys(values)
+    out = keys[..., :1] - keys
+    out[..., 0] = keys[..., 0]
+    return out
+
+
+def undo_keys_from_max(out: np.ndarray) -> np.ndarray:
+    keys = out[..., :1] - out
+    keys[..., 0] = out[..., 0]
+    return from_keys(keys)
+
+
+def keys_successive(values: np.ndarray) -> np.ndarray:
+    """Column 0: the row max's key; column i: key(v_{i-1}) - key(v_i)."""
+    keys = order_keys(values)
+    out = keys.copy()
+    out[..., 1:] = keys[..., :-1] - keys[..., 1:]
+    return out
+
+
+def undo_keys_successive(out: np.ndarray) -> np.ndarray:
+    first = out[..., :1]
+    rest = first - np.cumsum(out[..., 1:], axis=-1, dtype=np.uint16)
+    return from_keys(np.concatenate([first, rest], axis=-1))
+
+
+def float_from_max(values: np.ndarray) -> np.ndarray:
+    """Column 0: the row max; column i: float16(max - v_i). Exact only where the difference fits float16."""
+    out = (values[..., :1].astype(np.float32) - values.astype(np.float32)).astype(np.float16)
+    out[..., 0] = values[..., 0]
+    return out
+
+
+def undo_float_from_max(out: np.ndarray) -> np.ndarray:
+    values = (out[..., :1].astype(np.float32) - out.astype(np.float32)).astype(np.float16)
+    values[..., 0] = out[..., 0]
+    return values
+
+
+TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
+    "as stored (float16)": (lambda v: v, lambda v: v),
+    "row max + key(max) - key(v) (uint16 order keys)": (keys_from_max, undo_keys_from_max),
+    "row max + key(v[i-1]) - key(v[i])": (keys_successive, undo_keys_successive),
+    "row max + float16(max - v)": (float_from_max, undo_float_from_max),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring a store.
+
+
+def encoded_nbytes(array_dir: Path, values: np.ndarray, blosc: dict | None) -> int:
+    """Total bytes of the shard files of `values` under the array's layout with `blosc` (None: no Blosc)."""
+    layout = dataclasses.replace(parse_layout(array_dir), blosc=blosc, dtype=values.dtype.newbyteorder("<"))
+    n, per_shard = layout.shape[0], layout.per_shard
+    shards = [shard_range(s, n, per_shard) for s in range(num_shards(n, per_shard))]
+    return sum(len(encode_shard(layout, values[rows.start:rows.stop])) for rows in shards)
+
+
+def disk_nbytes(array_dir: Path) -> int:
+    return sum(p.stat().st_size for p in array_dir.rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def cell(nbytes: int, raw: int, positions: int) -> str:
+    return f"{nbytes / positions:.1f} ({raw / nbytes:.2f}x)"
+
+
+def measure(store: str, teachers: dict[str, str], judged: list[str]) -> Section:
+    """Tables of bytes per position for the teachers {name: description} of `store`; targets for `judged`."""
+    root = open_store(store)
+    per_array, transforms, totals, targets, notes = [], [], [], [], []
+    for name, description in teachers.items():
+        group = root[f"{TEACHERS}/{name}/{SPLIT}"]
+        directory = Path(store) / group.path
+        n, seq_len, k = group["topk_logits"].shape
+        positions = n * seq_len
+        best: dict[str, tuple[int, str]] = {}  # array -> (fewest bytes, how): any codec, for the logits any transform
+        for array in [a for a in (*TOPK, *SAMPLED) if a in group]:
+            values = group[array][...]
+            sizes = {codec: encoded_nbytes(directory / array, values, blosc) for codec, blosc in CODECS.items()}
+            on_disk = disk_nbytes(directory / array)
+            stored = sizes[DEFAULT] if parse_layout(directory / array).compressed else sizes["none"]
+            if stored != on_disk:
+                notes.append(f"{name}/{array}: re-encoded {stored} B but {on_disk} B on disk")
+            per_array.append([description, array, f"{values.nbytes / positions:.1f}", f"{on_disk / positions:.1f}",
+                              *[cell(size, values.nbytes, positions) for size in sizes.values()]])
+            best[array] = min((size, codec) for codec, size in sizes.items())
+            if array == "topk_logits":
+                best[array] = logit_transforms(description, directory / array, values, positions, transforms)
+        lse = disk_nbytes(directory / "lse")  # stored raw by the schema
+        topk_default = sum(disk_nbytes(directory / a) for a in TOPK) / positions
+        topk_best = (best["topk_logits"][0] + best["topk_ids"][0] + lse) / positions
+        how = f"logits: {best['topk_logits'][1]}; ids: {best['topk_ids'][1]}"
+        sampled = sum(disk_nbytes(directory / a) for a in SAMPLED if a in group) / positions
+        totals.append([description, root.attrs["vocab_size"], positions, topk_default, topk_best, how,
+                       sampled if "sample_ids" in group else "-"])
+        if name in judged:
+            targets += [Target(f"top-{k} B/position, default codec, {description}", topk_default, TARGET,
+                               at_least=False),
+                        Target(f"top-{k} B/position, best lossless transform + codec, {description}", topk_best,
+                               TARGET, at_least=False)]
+    codec_names = list(CODECS)
+    return Section("2. Store size per position", [
+        Table(["teacher", "vocab", "positions", "top-k B/position: default codec, on disk", "best lossless",
+               "best: how", "sampled ids + counts B/position, default codec"], totals,
+              "Totals (top-k = topk_logits + topk_ids + lse; lse is stored without Blosc)"),
+        Table(["teacher", "array", "raw B/position", "on disk", *codec_names], per_array,
+              "Bytes per position (compression ratio) per array and codec, shard index and chunk crc32c included"),
+        Table(["teacher", "topk_logits stored as", "lossless on this data", *codec_names], transforms,
+              "Transforms of topk_logits, bytes per position"),
+    ], targets, notes)
+
+
+def logit_transforms(description: str, array_dir: Path, values: np.ndarray, positions: int,
+                     rows: list[list]) -> tuple[int, str]:
+    """Append a row per transform of the logits; returns (fewest bytes, how) over lossless transforms and codecs."""
+    candidates = []
+    for transform, (encode, decode) in TRANSFORMS.items():
+        coded = encode(values)
+        differ = int(np.count_nonzero(decode(coded).view(np.uint16) != values.view(np.uint16)))
+        sizes = {codec: encoded_nbytes(array_dir, coded, blosc) for codec, blosc in CODECS.items()}
+        rows.append([description, transform, f"no: {differ:,} of {values.size:,} values change" if differ else "yes",
+                     *[f"{size / positions:.1f}" for size in sizes.values()]])
+        if not differ:
+            candidates += [(size, f"{transform}, {codec}") for codec, size in sizes.items()]
+    return min(candidates)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real teachers.
+
+
+def demo_teachers() -> tuple[str, dict[str, Path]] | None:
+    """The demo run's store and trained teachers, if `make distill` ran here."""
+    runs = REPO / "runs" / "demo"
+    models = {p.parent.name: p for p in sorted((runs / "teachers").glob("*/model")) if (p / "config.json").is_file()}
+    store = runs / "cache.zarr"
+    return (str(store), models) if models and (store / "zarr.json").is_file() else None
+
+
+def train_real_teacher(workdir: Path) -> tuple[str, Path, str]:
+    """A small Llama trained for REAL_STEPS steps on BabyLM text; returns (token store, model dir, description)."""
+    os.environ.setdefault("BABYLM_DIR", str(REPO.parent / "shared" / "data" / "babylm"))
+    cfg = load_config(REPO / "configs" / "mini_real.yaml")
+    cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, vocab_size=16000))
+    paths = prepare_data(cfg, workdir / "runs")
+    dataset = TokenDataset(paths.store, SPLIT)
+    model = build_model(REAL_SHAPE, dataset.attrs["vocab_size"], dataset.attrs["special_ids"])
+    out = workdir / "real-teacher"
+    settings = TrainConfig(lr=3e-3, batch_size=8, max_steps=REAL_STEPS, warmup_steps=20, checkpoint_every=10**9,
+                           log_every=REAL_STEPS // 4)
+    train(model, dataset, settings, out, lm_loss, seed=0, resume=False, fingerprint={}, tokenizer_dir=paths.tokenizer)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return str(paths.store), out / "model", (f"Llama {count_parameters(model) / 1e6:.1f}M trained {REAL_STEPS} steps "
+                                             f"on BabyLM text (train CE {last['loss']:.2f})")
+
+
+def real_stores(profile: Profile, workdir: Path, random_teachers: dict[str, Path]) -> tuple[Section, str, list[str]]:
+    """Precompute real (and random-init) teachers' top-64 and sampled targets and measure them.
+
+    Returns the section, the BabyLM-text store and the two teacher groups of it that hold trained targets
+    (the second a copy under another name, for the two-teacher reader benchmark).
+    """
+    data_store, model_dir, description = train_real_teacher(workdir)
+    store = subset_store(data_store, workdir / "real.zarr", 256, 128)
+    teachers = {"real": model_dir, "real-copy": model_dir, **random_teachers}
+    cfg = bench_config(profile.vocab, profile.seq_len, 128, teachers, k=profile.k, temperatures=[1.0, 2.0],
+                       samples=profile.samples, batch_size=profile.precompute_batch)
+    precompute_targets(cfg, device=profile.device, store=store)
+    described = {"real": description,
+                 **{name: f"{name} (random init)" for name in random_teachers}}
+    judged = ["real"]
+    demo = demo_teachers()
+    if demo is not None:
+        demo_source, demo_models = demo
+        seq_len = open_store(demo_source).attrs["seq_len"]
+        demo_store = subset_store(demo_source, workdir / "demo.zarr", 512, 128)
+        vocab = open_store(demo_store).attrs["vocab_size"]
+        demo_cfg = bench_config(vocab, seq_len, 128, demo_models, k=profile.k, temperatures=[1.0, 2.0],
+                                samples=profile.samples, batch_size=profile.precompute_batch)
+        precompute_targets(demo_cfg, device=profile.device, store=demo_store)
+        section = measure(demo_store, {name: f"demo {name} (trained, vocab {vocab})" for name in demo_models},
+                          list(demo_models))
+        main = measure(store, described, judged)
+        merge(main, section)
+    else:
+        main = measure(store, described, judged)
+        main.notes.append("No trained demo teachers under runs/demo/teachers (run `make distill` first to add them).")
+    main.notes += [
+        f"256 sequences x {profile.seq_len} positions per teacher (the demo: 512 x 64), k={profile.k}, "
+        f"temperatures 1 and 2, {profile.samples} samples at T=1.",
+        "The 16000-token real-text teacher is the one the target is judged on; a 200-step model is less peaked "
+        "than a converged teacher, and the demo teachers (converged, 640 tokens) show the other end.",
+    ]
+    return main, store, ["real", "real-copy"]
+
+
+def merge(into: Section, other: Section) -> None:
+    for mine, theirs in zip(into.tables, other.tables):
+        mine.rows += theirs.rows
+    into.targets += other.targets
+    into.notes += other.notes
+
+
+if __name__ == "__main__":
+    profile = PROFILES["cpu"]
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
+        work = Path(tmp)
+        teachers = {name: save_random_teacher(shape, profile.vocab, work / "teachers" / name, seed=i)
+                    for i, (name, shape) in enumerate(profile.teachers.items())}
+        print(run_section(real_stores, profile, work, teachers)[0].markdown())
