@@ -2,7 +2,9 @@
 
 Every section is a dataclass; `load_config` checks unknown keys, types, literals and required
 keys, and names the file and the dotted key in every error. `${VAR}` and `${VAR:-default}` in
-strings are expanded from the environment (so `BABYLM_DIR` can point at the corpus).
+strings are expanded from the environment (so `BABYLM_DIR` can point at the corpus); a non-string
+value written whole as `${VAR:-default}` is expanded and then read as a YAML scalar (so
+`max_steps: ${KD_TEACHER_MAX_STEPS:-null}` is an int or None).
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     """Check `value` against the type hint `hint`, converting where YAML is loose (int -> float)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, str) and str not in (hint, *args) and _ENV.fullmatch(value.strip()):
+        value = yaml.safe_load(_expand_env(value, where))
     if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):

@@ -71,3 +71,14 @@ def test_env_default_and_int_to_float(tmp_path, monkeypatch):
     cfg = load_config(path)
     assert cfg.corpus.train == ["/fallback/t"]
     assert isinstance(cfg.distill.temperature, float)
+
+
+def test_env_in_a_non_string_value_is_read_as_yaml(tmp_path, monkeypatch):
+    text = "name: x\nteachers: [{name: a, train: {max_steps: '${KD_TEST_STEPS:-null}'}}]\n"
+    monkeypatch.delenv("KD_TEST_STEPS", raising=False)
+    assert load_config(write(tmp_path, text)).teachers[0].train.max_steps is None
+    monkeypatch.setenv("KD_TEST_STEPS", "40")
+    assert load_config(write(tmp_path, text)).teachers[0].train.max_steps == 40
+    monkeypatch.setenv("KD_TEST_STEPS", "forty")
+    with pytest.raises(ConfigError, match=r"teachers\[0\].train.max_steps: expected int"):
+        load_config(write(tmp_path, text))
