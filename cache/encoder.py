@@ -9,7 +9,7 @@ pairs plus its crc32c ends (or starts) the shard. The bytes are zarr-python's ow
 write_empty_chunks=True (the schema's setting): every chunk of the shard's sequences is stored, and the index
 entries past the last sequence of a short last shard hold the empty sentinel (tests/test_encoder.py).
 
-Blosc and crc32c release the GIL, so with a thread pool runs of chunks encode in parallel.
+Blosc releases the GIL, so with a thread pool runs of chunks encode in parallel.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import uuid
 from concurrent.futures import Executor
 from pathlib import Path
 
-import crc32c
+import google_crc32c
 import numcodecs
 import numpy as np
 from zarr.core.buffer import default_buffer_prototype
@@ -48,7 +48,7 @@ def _encode_chunks(rows: np.ndarray, blosc: numcodecs.Blosc | None, checksummed:
     chunks = []
     for row in rows:
         data = blosc.encode(row) if blosc is not None else row.tobytes()
-        chunks.append(data + crc32c.crc32c(data).to_bytes(CRC_BYTES, "little") if checksummed else data)
+        chunks.append(data + google_crc32c.value(data).to_bytes(CRC_BYTES, "little") if checksummed else data)
     return chunks
 
 
@@ -70,7 +70,7 @@ def encode_shard(layout: ShardLayout, values: np.ndarray, pool: Executor | None 
     index = np.full((layout.per_shard, 2), EMPTY, dtype="<u8")
     index[:len(chunks), 0] = np.cumsum(nbytes) - nbytes + (0 if layout.index_at_end else layout.index_nbytes)
     index[:len(chunks), 1] = nbytes
-    index_bytes = index.tobytes() + crc32c.crc32c(index).to_bytes(CRC_BYTES, "little")
+    index_bytes = index.tobytes() + google_crc32c.value(index).to_bytes(CRC_BYTES, "little")
     return b"".join([*chunks, index_bytes] if layout.index_at_end else [index_bytes, *chunks])
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-import crc32c
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -235,7 +235,7 @@ class ShardedArrayReader:
         if data.size < size:
             raise StoreError(f"{path}: {data.size} bytes, shorter than its {size}-byte shard index")
         raw = data[-size:] if self.layout.index_at_end else data[:size]
-        if crc32c.crc32c(raw[:-CRC_BYTES]) != int.from_bytes(raw[-CRC_BYTES:].tobytes(), "little"):
+        if google_crc32c.value(raw[:-CRC_BYTES]) != int.from_bytes(raw[-CRC_BYTES:].tobytes(), "little"):
             raise StoreError(f"{path}: shard index checksum mismatch (corrupt shard file)")
         return Shard(path, data, raw[:-CRC_BYTES].view("<u8").reshape(-1, 2).tolist())
 
@@ -249,7 +249,7 @@ class ShardedArrayReader:
         buf = shard.data[offset:offset + nbytes]
         if self.layout.checksummed:
             buf, crc = buf[:-CRC_BYTES], buf[-CRC_BYTES:]
-            if crc32c.crc32c(buf) != int.from_bytes(crc.tobytes(), "little"):
+            if google_crc32c.value(buf) != int.from_bytes(crc.tobytes(), "little"):
                 raise StoreError(f"{shard.path}: chunk {chunk} checksum mismatch (corrupt chunk data)")
         if not self.layout.compressed:
             if buf.size != out.nbytes:
