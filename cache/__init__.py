@@ -5,4 +5,5 @@ through memory maps for training; `cache.verify` checks integrity; `cache.config
 whose copy the store keeps as provenance; `cache.cli` is the `kdcache` command.
 """
 
-FORMAT_VERSION = 1
+# 2: topk_logits stored through the kdcache.sorted_key_delta codec (docs/cache-format.md)
+FORMAT_VERSION = 2

@@ -96,9 +96,12 @@ class TeacherConfig:
 
 @dataclass
 class CodecConfig:
-    cname: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib", "none"] = "zstd"
-    clevel: int = 1
-    shuffle: Literal["bitshuffle", "shuffle", "noshuffle"] = "bitshuffle"
+    """Blosc for every compressed array (docs/benchmarks.md, item 2, measured the choices)."""
+
+    cname: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib", "none"] = "lz4hc"
+    clevel: int = 5
+    # auto: the shuffle measured best for each array (cache.schema.teacher_array_specs)
+    shuffle: Literal["auto", "bitshuffle", "shuffle", "noshuffle"] = "auto"
 
 
 @dataclass

@@ -2,12 +2,13 @@
 
 `zarr_array[rows] = values` on one shard spends ~0.1-0.3 ms of GIL-holding Python per inner chunk (100-250 ms
 for a shard of 32k positions), while the Zarr v3 sharding layout is simple to produce: every inner chunk (one
-sequence) goes through the inner codec chain - `bytes` (the stored byte order), Blosc configured as zarr's
-BloscCodec configures numcodecs, a little-endian crc32c appended - the chunks follow each other in order (the
-Morton order of a [per_shard, 1, ...] chunk grid is plain order), and the index of (offset, nbytes) uint64
-pairs plus its crc32c ends (or starts) the shard. The bytes are zarr-python's own, as written with
-write_empty_chunks=True (the schema's setting): every chunk of the shard's sequences is stored, and the index
-entries past the last sequence of a short last shard hold the empty sentinel (tests/test_encoder.py).
+sequence) goes through the inner codec chain - kdcache.sorted_key_delta where the array has it (cache.codecs),
+`bytes` (the stored byte order), Blosc configured as zarr's BloscCodec configures numcodecs, a little-endian
+crc32c appended - the chunks follow each other in order (the Morton order of a [per_shard, 1, ...] chunk grid
+is plain order), and the index of (offset, nbytes) uint64 pairs plus its crc32c ends (or starts) the shard.
+The bytes are zarr-python's own, as written with write_empty_chunks=True (the schema's setting): every chunk
+of the shard's sequences is stored, and the index entries past the last sequence of a short last shard hold
+the empty sentinel (tests/test_encoder.py).
 
 Blosc releases the GIL, so with a thread pool runs of chunks encode in parallel.
 """
@@ -25,6 +26,7 @@ import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from cache.codecs import encode_sorted_key_delta
 from cache.reader import CRC_BYTES, EMPTY, ShardLayout, layout_from_json, local_path, parse_layout
 from cache.schema import StoreError, num_shards, open_store, shard_range
 
@@ -55,10 +57,13 @@ def _encode_chunks(rows: np.ndarray, blosc: numcodecs.Blosc | None, checksummed:
 def encode_shard(layout: ShardLayout, values: np.ndarray, pool: Executor | None = None) -> bytes:
     """The shard file zarr-python writes for `values` [rows <= per_shard, ...], cast to the array's dtype as zarr
     does. `pool` (threads) encodes runs of TASK_CHUNKS chunks in parallel."""
-    values = np.ascontiguousarray(values, dtype=layout.dtype)
+    values = np.ascontiguousarray(values, dtype=layout.array_dtype)
     if not 1 <= len(values) <= layout.per_shard or values.shape[1:] != layout.shape[1:]:
         raise ValueError(f"shard values of shape {list(values.shape)}: expected [1..{layout.per_shard}, "
                          f"{', '.join(map(str, layout.shape[1:]))}]")
+    if layout.sorted_key_delta:
+        values = encode_sorted_key_delta(values)
+    values = values.astype(layout.dtype, copy=False)
     blosc = blosc_codec(layout)
     if pool is None or len(values) <= TASK_CHUNKS:
         chunks = _encode_chunks(values, blosc, layout.checksummed)

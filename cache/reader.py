@@ -27,6 +27,7 @@ import numcodecs
 import numpy as np
 import zarr
 
+from cache.codecs import SORTED_KEY_DELTA, decode_sorted_key_delta, encode_sorted_key_delta
 from cache.schema import COMPLETE, TEACHERS, TOKENS, StoreError, check_store, open_store
 
 EMPTY = 2**64 - 1  # offset and nbytes of an inner chunk that was never written: read as the fill value
@@ -52,9 +53,11 @@ def local_path(store: str | os.PathLike) -> Path | None:
 @dataclass(frozen=True)
 class ShardLayout:
     shape: tuple[int, ...]
-    dtype: np.dtype  # with the byte order the `bytes` codec stored
+    array_dtype: np.dtype  # what a read returns (native byte order)
+    dtype: np.dtype  # what the `bytes` codec stored, in its byte order (uint16 under kdcache.sorted_key_delta)
     per_shard: int  # sequences per shard; the inner chunk is one sequence
-    fill_value: np.ndarray
+    fill_value: np.ndarray  # an unwritten chunk's stored values (broadcast over a chunk)
+    sorted_key_delta: bool  # the inner chain starts with kdcache.sorted_key_delta
     blosc: dict[str, Any] | None  # configuration of the blosc codec after `bytes` (cname, clevel, ...), if any
     checksummed: bool  # a crc32c codec ends the inner chain
     index_at_end: bool
@@ -81,17 +84,24 @@ def _named(entry: Any) -> tuple[str, dict]:
     return (entry.get("name"), entry.get("configuration", {})) if isinstance(entry, dict) else (str(entry), {})
 
 
-def _parse_inner_codecs(codecs: list, dtype: np.dtype, where: str) -> tuple[np.dtype, dict | None, bool]:
-    """[bytes, blosc?, crc32c?] -> (dtype with its stored byte order, blosc configuration or None, checksummed)."""
+def _parse_inner_codecs(codecs: list, dtype: np.dtype, where: str) -> tuple[np.dtype, dict | None, bool, bool]:
+    """[sorted_key_delta?, bytes, blosc?, crc32c?] -> (stored dtype with its byte order, blosc configuration or
+    None, checksummed, sorted_key_delta)."""
     names = [_named(c)[0] for c in codecs]
-    if not names or names[0] != "bytes" or names[1:] not in ([], ["blosc"], ["crc32c"], ["blosc", "crc32c"]):
-        raise StoreError(f"{where}: inner codecs {names} not supported (bytes, then optionally blosc, then crc32c)")
-    endian = _named(codecs[0])[1].get("endian")
-    if endian not in ("little", "big") and not (endian is None and dtype.itemsize == 1):
-        raise StoreError(f"{where}: bytes codec endian {endian!r} not supported for {dtype}")
-    stored = dtype.newbyteorder("<" if endian != "big" else ">")
-    blosc = _named(codecs[1])[1] if "blosc" in names else None
-    return stored, blosc, names[-1] == "crc32c"
+    delta = bool(names) and names[0] == SORTED_KEY_DELTA
+    serial = names[1:] if delta else names
+    if not serial or serial[0] != "bytes" or serial[1:] not in ([], ["blosc"], ["crc32c"], ["blosc", "crc32c"]):
+        raise StoreError(f"{where}: inner codecs {names} not supported "
+                         f"({SORTED_KEY_DELTA} for float16 optionally, bytes, then optionally blosc, then crc32c)")
+    if delta and (dtype != np.float16 or _named(codecs[0])[1]):
+        raise StoreError(f"{where}: {SORTED_KEY_DELTA} (without configuration) encodes float16, not {dtype}")
+    chunk_dtype = np.dtype(np.uint16) if delta else dtype
+    endian = _named(codecs[len(names) - len(serial)])[1].get("endian")
+    if endian not in ("little", "big") and not (endian is None and chunk_dtype.itemsize == 1):
+        raise StoreError(f"{where}: bytes codec endian {endian!r} not supported for {chunk_dtype}")
+    stored = chunk_dtype.newbyteorder("<" if endian != "big" else ">")
+    blosc = _named(codecs[-2 if serial[-1] == "crc32c" else -1])[1] if "blosc" in serial else None
+    return stored, blosc, serial[-1] == "crc32c", delta
 
 
 def parse_layout(array_dir: Path) -> ShardLayout:
@@ -138,7 +148,7 @@ def layout_from_json(text: str | bytes, where: str) -> ShardLayout:
     sharding = _named(codecs[0])[1]
     if tuple(sharding.get("chunk_shape", ())) != (1, *shape[1:]):
         raise refuse(f"inner chunk shape {sharding.get('chunk_shape')}: expected one sequence {[1, *shape[1:]]}")
-    stored, blosc, checksummed = _parse_inner_codecs(sharding.get("codecs", []), dtype, where)
+    stored, blosc, checksummed, delta = _parse_inner_codecs(sharding.get("codecs", []), dtype, where)
     index_codecs = [_named(c) for c in sharding.get("index_codecs", [])]
     if index_codecs != [("bytes", {"endian": "little"}), ("crc32c", {})]:
         raise refuse(f"index codecs {sharding.get('index_codecs')}: expected bytes (little endian), crc32c")
@@ -150,7 +160,10 @@ def layout_from_json(text: str | bytes, where: str) -> ShardLayout:
         fill_value = np.array(float(fill) if isinstance(fill, str) else fill, dtype=dtype)
     except (TypeError, ValueError):
         raise refuse(f"fill_value {meta.get('fill_value')!r} not supported for {dtype}") from None
-    return ShardLayout(shape, stored, shard_shape[0], fill_value, blosc, checksummed, location == "end", separator)
+    if delta:  # a chunk of fill values, as stored: decoding it gives the fill value back
+        fill_value = encode_sorted_key_delta(np.full(shape[1:], fill_value))
+    return ShardLayout(shape, dtype, stored, shard_shape[0], fill_value, delta, blosc, checksummed,
+                       location == "end", separator)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,7 +196,7 @@ class ShardedArrayReader:
         self.path = Path(array_dir)
         self.layout = parse_layout(self.path)
         self.shape = self.layout.shape
-        self.dtype = self.layout.dtype.newbyteorder("=")
+        self.dtype = self.layout.array_dtype
         self.per_shard = self.layout.per_shard
         self.max_open_shards = max_open_shards
         self._blosc = numcodecs.Blosc()
@@ -210,6 +223,8 @@ class ShardedArrayReader:
         for row, i in enumerate(idx):
             shard, chunk = divmod(i, self.per_shard)
             self._decode(self._shard(shard), chunk, out[row])
+        if self.layout.sorted_key_delta:  # one vectorised inverse for the whole batch
+            return decode_sorted_key_delta(out.astype(np.uint16, copy=False))
         return out.astype(self.dtype, copy=False)
 
     def _shard(self, shard: int) -> Shard:

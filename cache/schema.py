@@ -7,7 +7,7 @@ open and check stores through it.
     cache.zarr/                       root attrs: format_version, seq_len, vocab_size, tokenizer_sha256, ...
       tokens/<split>                  [N, L] token ids
       teachers/<name>/                attrs: teacher identity, k, temperatures, layers, dtypes, modes
-        <split>/topk_logits           [N, L, k] float16, sorted descending (temperature 1)
+        <split>/topk_logits           [N, L, k] float16, sorted descending (temperature 1; kdcache.sorted_key_delta)
         <split>/topk_ids              [N, L, k] uint16 | int32
         <split>/lse                   [N, L, n_temperatures] float32: logsumexp(logits / T)
         <split>/sample_ids            [N, L, S] uint16 | int32   (random-sampling KD, optional)
@@ -30,6 +30,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from cache import FORMAT_VERSION
+from cache.codecs import SortedKeyDeltaCodec
 from cache.config import CodecConfig
 
 TOKENS = "tokens"
@@ -44,23 +45,28 @@ class StoreError(ValueError):
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """Shape past the [N, L] (sequence, position) axes, and dtype."""
+    """Shape past the [N, L] (sequence, position) axes, dtype, and how the array is encoded."""
 
     trailing: tuple[int, ...]
     dtype: str
     # Small chunks that barely compress (tokens, lse) skip Blosc: its fixed per-call cost dominates their reads.
     compress: bool = True
+    # Blosc shuffle under `codec.shuffle: auto`: bitshuffle suits small integers (counts, key differences),
+    # byte shuffle token ids and float16 activations (docs/benchmarks.md, item 2).
+    shuffle: str = "shuffle"
+    sorted_rows: bool = False  # rows sorted descending: store them through kdcache.sorted_key_delta
 
 
 def ids_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "int32"
 
 
-def compressors(codec: CodecConfig, compress: bool = True) -> list[BloscCodec | Crc32cCodec]:
+def compressors(codec: CodecConfig, spec: ArraySpec) -> list[BloscCodec | Crc32cCodec]:
     """Blosc (unless off), then a crc32c per inner chunk: without it most flipped bytes decode silently."""
-    if not compress or codec.cname == "none":
+    if not spec.compress or codec.cname == "none":
         return [Crc32cCodec()]
-    return [BloscCodec(cname=codec.cname, clevel=codec.clevel, shuffle=codec.shuffle), Crc32cCodec()]
+    shuffle = spec.shuffle if codec.shuffle == "auto" else codec.shuffle
+    return [BloscCodec(cname=codec.cname, clevel=codec.clevel, shuffle=shuffle), Crc32cCodec()]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -106,7 +112,8 @@ def open_store(path: str, mode: str = "r") -> zarr.Group:
     if mode != "w" and version is None and mode == "r":
         raise StoreError(f"{path}: not a kdcache store (no format_version attribute)")
     if version is not None and version != FORMAT_VERSION:
-        raise StoreError(f"{path}: store format version {version}, this kdcache reads version {FORMAT_VERSION}")
+        raise StoreError(f"{path}: store format version {version}, this kdcache reads version {FORMAT_VERSION} "
+                         f"(recreate the store: `kdcache data`, then `kdcache precompute`)")
     return root
 
 
@@ -135,7 +142,8 @@ def create_sharded_array(
         dtype=spec.dtype,
         shards=(min(per_shard, max(num_sequences, 1)), seq_len, *spec.trailing),
         chunks=(1, seq_len, *spec.trailing),
-        compressors=compressors(codec, spec.compress),
+        filters=[SortedKeyDeltaCodec()] if spec.sorted_rows else [],
+        compressors=compressors(codec, spec),
         fill_value=0,
         # An all-zero inner chunk must still be written: the direct reader maps every chunk.
         config={"write_empty_chunks": True},
@@ -175,16 +183,17 @@ def teacher_array_specs(
     """Every array of one teacher split, from the cache settings."""
     ids = ids_dtype(vocab_size)
     specs = {
-        "topk_logits": ArraySpec((k,), "float16"),
+        "topk_logits": ArraySpec((k,), "float16", shuffle="bitshuffle", sorted_rows=True),
         "topk_ids": ArraySpec((k,), ids),
         "lse": ArraySpec((n_temperatures,), "float32", compress=False),
     }
     if samples:
         width = min(samples, vocab_size)
         specs["sample_ids"] = ArraySpec((width,), ids)
-        specs["sample_counts"] = ArraySpec((width,), "uint16")
+        specs["sample_counts"] = ArraySpec((width,), "uint16", shuffle="bitshuffle")
     for layer, size in sorted(hidden_sizes.items()):
-        specs[f"hidden_{layer}"] = ArraySpec((size,), hidden_dtype)
+        shuffle = "bitshuffle" if hidden_dtype == "int8" else "shuffle"
+        specs[f"hidden_{layer}"] = ArraySpec((size,), hidden_dtype, shuffle=shuffle)
         if hidden_dtype == "int8":
             specs[f"hidden_{layer}_scale"] = ArraySpec((), "float16")
     return specs

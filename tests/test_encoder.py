@@ -19,7 +19,8 @@ from cache.reader import EMPTY, ShardedArrayReader, parse_layout
 from cache.schema import ArraySpec, create_sharded_array, create_store, num_shards, shard_range
 
 N, SEQ_LEN, PER_SHARD = 10, 6, 4  # 3 shards, the last one holding 2 sequences
-CODECS = {"zstd-bitshuffle": CodecConfig(), "lz4-shuffle": CodecConfig(cname="lz4", clevel=5, shuffle="shuffle"),
+CODECS = {"default": CodecConfig(), "zstd-bitshuffle": CodecConfig(cname="zstd", clevel=1, shuffle="bitshuffle"),
+          "lz4-shuffle": CodecConfig(cname="lz4", clevel=5, shuffle="shuffle"),
           "none": CodecConfig(cname="none")}
 DTYPES = ["float16", "uint16", "int32", "float32", "int8", "uint8"]
 
@@ -56,7 +57,8 @@ def twin_arrays(tmp_path: Path, spec: ArraySpec, codec: CodecConfig, n: int = N,
 def test_shard_files_are_zarrs_bytes(tmp_path, codec, dtype):
     rng = np.random.default_rng(0)
     for trailing, compress in [((64,), True), ((), False)]:  # like topk_*, and like tokens / lse (crc32c only)
-        spec = ArraySpec(trailing, dtype, compress)
+        # float16 rows of 64 as topk_logits are stored: through kdcache.sorted_key_delta
+        spec = ArraySpec(trailing, dtype, compress, sorted_rows=dtype == "float16" and compress)
         values = sample((N, SEQ_LEN, *trailing), dtype, rng)
         expected, store = twin_arrays(tmp_path / f"{compress}", spec, CODECS[codec])
         expected[...] = values

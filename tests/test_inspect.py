@@ -18,6 +18,7 @@ import zarr
 from click.testing import CliRunner
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cache import FORMAT_VERSION
 from cache.cli import main
 from cache.config import CodecConfig
 from cache.schema import (
@@ -167,7 +168,7 @@ def file_bytes(path: Path) -> int:
 
 def test_inspect_json_summary(built):
     s = run_json("inspect", built.store)
-    assert s["format_version"] == 1 and s["seq_len"] == SEQ_LEN
+    assert s["format_version"] == FORMAT_VERSION and s["seq_len"] == SEQ_LEN
     assert s["vocab_size"] == built.tokenizer.get_vocab_size()
     assert s["tokenizer_sha256"] == tokenizer_sha256(built.store.parent / "tokenizer")
     assert {k: v["num_sequences"] for k, v in s["splits"].items()} == SPLIT_SIZES

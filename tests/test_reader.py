@@ -25,7 +25,7 @@ from cache.schema import (
 
 N, SEQ_LEN, PER_SHARD, K, TEMPERATURES, SAMPLES, HIDDEN = 10, 6, 4, 5, [1.0, 2.0], 3, {1: 7}
 SHA = "f" * 64
-ZSTD, NONE = CodecConfig(), CodecConfig(cname="none")
+DEFAULT, NONE = CodecConfig(), CodecConfig(cname="none")
 
 
 def teacher_data(shape: tuple[int, int], vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -44,7 +44,7 @@ def teacher_data(shape: tuple[int, int], vocab: int, rng: np.random.Generator) -
     }
 
 
-def build_store(store: str | Path, *, codec: CodecConfig = ZSTD, vocab: int = 300,
+def build_store(store: str | Path, *, codec: CodecConfig = DEFAULT, vocab: int = 300,
                 teachers: tuple[str, ...] = ("alpha",), incomplete: tuple[str, int] | None = None) -> dict[str, np.ndarray]:
     """A store with tokens/train and one int8-hidden, sampled teacher split per teacher, written shard by shard
     as the precompute writer does. `incomplete` = (teacher, shard) left unmarked. Returns the arrays written,
@@ -86,7 +86,7 @@ def random_indices(rng: np.random.Generator) -> np.ndarray:
 LZ4 = CodecConfig(cname="lz4", shuffle="shuffle")
 
 
-@pytest.mark.parametrize("codec,vocab", [(ZSTD, 300), (NONE, 300), (LZ4, 70000)])
+@pytest.mark.parametrize("codec,vocab", [(DEFAULT, 300), (NONE, 300), (LZ4, 70000)])
 def test_every_array_matches_zarr(tmp_path, codec, vocab):
     store = tmp_path / "cache.zarr"
     written = build_store(store, codec=codec, vocab=vocab)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import zarr
 
+from cache import FORMAT_VERSION
 from cache.schema import StoreError, write_tokens
 from cache.verify import verify_store
-from test_reader import LZ4, NONE, PER_SHARD, SEQ_LEN, ZSTD, array_dir, build_store, flip
+from test_reader import LZ4, NONE, PER_SHARD, SEQ_LEN, DEFAULT, array_dir, build_store, flip
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def only(problems: list[str], *words: str) -> str:
     return problems[0]
 
 
-@pytest.mark.parametrize("codec", [ZSTD, NONE, LZ4])
+@pytest.mark.parametrize("codec", [DEFAULT, NONE, LZ4])
 def test_sound_store_has_no_problems(tmp_path, codec):
     build_store(tmp_path / "cache.zarr", codec=codec, teachers=("alpha", "beta"))
     assert verify_store(tmp_path / "cache.zarr") == []
@@ -58,7 +59,7 @@ def test_flipped_blosc_header_byte(store):
     only(verify_store(store), str(shard_file), "chunk 2 checksum mismatch")
 
 
-@pytest.mark.parametrize("codec", [ZSTD, NONE])
+@pytest.mark.parametrize("codec", [DEFAULT, NONE])
 def test_flipped_chunk_byte_with_chunk_checksums(tmp_path, codec):
     path = tmp_path / "cache.zarr"
     build_store(path, codec=codec)
@@ -121,7 +122,7 @@ def test_unsorted_topk(store):
     ("k", 4, "teachers/alpha/train/topk_logits: float16[10, 6, 5], expected float16[10, 6, 4]"),
     ("temperatures", [1.0], "teachers/alpha/train/lse: float32[10, 6, 2], expected float32[10, 6, 1]"),
     ("temperatures", [2.0, 4.0], "teachers/alpha: attribute temperatures [2.0, 4.0] lack 1.0"),
-    ("format_version", 2, "teachers/alpha: attribute format_version is 2, expected 1"),
+    ("format_version", 1, f"teachers/alpha: attribute format_version is 1, expected {FORMAT_VERSION}"),
     ("tokenizer_sha256", "0" * 64, "teachers/alpha: attribute tokenizer_sha256 differs from the store's"),
 ])
 def test_teacher_attributes(store, key, value, message):
@@ -143,7 +144,7 @@ def test_missing_arrays_named(store):
 def test_tokens_changed_under_the_teachers(store):
     root = zarr.open_group(str(store), mode="r+")
     other = np.random.default_rng(5).integers(0, 300, (13, SEQ_LEN))
-    write_tokens(root, "train", other, PER_SHARD, ZSTD, 300)  # 13 sequences now, teachers still hold 10
+    write_tokens(root, "train", other, PER_SHARD, DEFAULT, 300)  # 13 sequences now, teachers still hold 10
     problems = verify_store(store)
     for teacher in ("alpha", "beta"):
         assert f"teachers/{teacher}/train: token_digest differs from tokens/train's digest (computed on other tokens)" \
