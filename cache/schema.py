@@ -51,8 +51,8 @@ class ArraySpec:
     dtype: str
     # Small chunks that barely compress (tokens, lse) skip Blosc: its fixed per-call cost dominates their reads.
     compress: bool = True
-    # Blosc shuffle under `codec.shuffle: auto`: bitshuffle suits small integers (counts, key differences),
-    # byte shuffle token ids and float16 activations (docs/benchmarks.md, item 2).
+    # Blosc shuffle under `codec.shuffle: auto`, measured with lz4hc (docs/benchmarks.md, item 2): bitshuffle for
+    # the logits' key differences, byte shuffle for token ids, counts and float16 activations.
     shuffle: str = "shuffle"
     sorted_rows: bool = False  # rows sorted descending: store them through kdcache.sorted_key_delta
 
@@ -190,7 +190,7 @@ def teacher_array_specs(
     if samples:
         width = min(samples, vocab_size)
         specs["sample_ids"] = ArraySpec((width,), ids)
-        specs["sample_counts"] = ArraySpec((width,), "uint16", shuffle="bitshuffle")
+        specs["sample_counts"] = ArraySpec((width,), "uint16")
     for layer, size in sorted(hidden_sizes.items()):
         shuffle = "bitshuffle" if hidden_dtype == "int8" else "shuffle"
         specs[f"hidden_{layer}"] = ArraySpec((size,), hidden_dtype, shuffle=shuffle)

@@ -13,6 +13,7 @@ re-encoded with other codecs (same arrays, written by `cache.encoder`) to show w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +36,11 @@ from student.distill import DistillDataset, KDPlan
 TARGET = 1.45e6  # tokens/s per worker
 BATCH = 32
 ARRAYS = ["topk_logits", "topk_ids", "lse"]
-RECODED = {"lz4 shuffle": CodecConfig(cname="lz4", clevel=1, shuffle="shuffle"), "no Blosc": CodecConfig(cname="none")}
+DEFAULT = "lz4hc5, shuffle per array, sorted_key_delta (default)"
+# name -> (codec, topk_logits through kdcache.sorted_key_delta)
+RECODED = {"zstd1 bitshuffle, float16 logits (format 1's default)": (CodecConfig("zstd", 1, "bitshuffle"), False),
+           "zstd1 byte shuffle, sorted_key_delta (smallest)": (CodecConfig("zstd", 1, "shuffle"), True),
+           "no Blosc": (CodecConfig(cname="none"), True)}
 SECONDS = 1.5  # per reader: enough batches to time, few enough to stay quick
 
 
@@ -63,8 +68,9 @@ def npy_copies(store: str, keys: dict[str, str], workdir: Path) -> dict[str, np.
     return maps
 
 
-def recode(store: str, teachers: list[str], dst: Path, codec: CodecConfig) -> str:
-    """The same tokens and tail-loss arrays in a new store whose teacher arrays use `codec`."""
+def recode(store: str, teachers: list[str], dst: Path, codec: CodecConfig, sorted_rows: bool) -> str:
+    """The same tokens and tail-loss arrays in a new store whose teacher arrays use `codec` (and store topk_logits
+    through kdcache.sorted_key_delta if `sorted_rows`)."""
     src = open_store(store)
     tokens = read_tokens(src, SPLIT)
     root = create_store(str(dst), {key: src.attrs[key] for key in ("seq_len", "vocab_size", "tokenizer_sha256")})
@@ -74,6 +80,7 @@ def recode(store: str, teachers: list[str], dst: Path, codec: CodecConfig) -> st
     for teacher in teachers:
         attrs = src[f"{TEACHERS}/{teacher}"].attrs.asdict()
         specs = teacher_array_specs(attrs["k"], src.attrs["vocab_size"], len(attrs["temperatures"]), 0, {}, "float16")
+        specs["topk_logits"] = dataclasses.replace(specs["topk_logits"], sorted_rows=sorted_rows)
         group = create_teacher_split(root, teacher, SPLIT, specs, attrs, per_shard, codec)
         for name in specs:
             values = src[f"{TEACHERS}/{teacher}/{SPLIT}/{name}"][...]
@@ -105,12 +112,12 @@ def run(store: str, teachers: list[str], workdir: Path, data: str) -> Section:
     rows = [["npy memory maps (the limit)", "-", limit, 1.0]]
     default = readers(store, teachers)
     for name, read in default.items():
-        rows.append([name, "zstd1 bitshuffle (default)", throughput(read, n, seq_len), None])
+        rows.append([name, DEFAULT, throughput(read, n, seq_len), None])
     primary = rows[1][2]
-    rows.append(["zarr-python oindex", "zstd1 bitshuffle (default)",
+    rows.append(["zarr-python oindex", DEFAULT,
                  throughput(lambda idx: {k: r.read_sequences(idx) for k, r in zarr_readers.items()}, n, seq_len), None])
-    for codec_name, codec in RECODED.items():
-        recoded = recode(store, teachers, workdir / f"{codec.cname}.zarr", codec)
+    for i, (codec_name, (codec, sorted_rows)) in enumerate(RECODED.items()):
+        recoded = recode(store, teachers, workdir / f"recoded-{i}.zarr", codec, sorted_rows)
         for name, read in readers(recoded, teachers).items():
             rows.append([name, codec_name, throughput(read, n, seq_len), None])
     for row in rows:

@@ -27,6 +27,7 @@ from benchlib import (
     PROFILES, REPO, SPLIT, Profile, Section, Table, Target, bench_config, run_section, save_random_teacher,
     subset_store,
 )
+from cache.codecs import decode_sorted_key_delta, encode_sorted_key_delta
 from cache.config import ModelConfig, TrainConfig, load_config
 from cache.encoder import encode_shard
 from cache.reader import parse_layout
@@ -37,14 +38,18 @@ from student.model import build_model, count_parameters
 from student.train import TokenDataset, lm_loss, train
 
 TARGET = 150.0  # bytes per position, top-64 (logits + ids + lse)
+DEFAULT = "default: lz4hc5, shuffle per array"  # as stored: CodecConfig() and cache.schema's per-array shuffle
+FORMAT1 = "zstd1 bitshuffle (format 1's default)"
 CODECS: dict[str, dict | None] = {
-    "zstd1 bitshuffle (default)": {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"},
-    "zstd3 bitshuffle": {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"},
+    DEFAULT: {},  # the array's own blosc configuration (filled in by `measure`)
+    "lz4hc5 bitshuffle": {"cname": "lz4hc", "clevel": 5, "shuffle": "bitshuffle"},
+    "lz4hc5 byte shuffle": {"cname": "lz4hc", "clevel": 5, "shuffle": "shuffle"},
+    FORMAT1: {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"},
     "zstd1 byte shuffle": {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"},
-    "lz4 shuffle": {"cname": "lz4", "clevel": 1, "shuffle": "shuffle"},
+    "zstd3 byte shuffle": {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"},
+    "lz4 byte shuffle": {"cname": "lz4", "clevel": 1, "shuffle": "shuffle"},
     "none": None,
 }
-DEFAULT = next(iter(CODECS))
 TOPK = ("topk_logits", "topk_ids", "lse")
 SAMPLED = ("sample_ids", "sample_counts")
 REAL_STEPS = 200
@@ -56,43 +61,17 @@ REAL_SHAPE = ModelConfig(arch="llama", hidden_size=64, intermediate_size=256, nu
 # Lossless transforms of the sorted top-k logits (float16, descending along the last axis).
 
 
-def order_keys(values: np.ndarray) -> np.ndarray:
-    """float16 -> uint16 keys in the same order as the values (negative floats have their bits flipped)."""
-    bits = values.view(np.uint16)
-    return np.where(bits & 0x8000, ~bits, bits | 0x8000).astype(np.uint16)
-
-
-def from_keys(keys: np.ndarray) -> np.ndarray:
-    bits = np.where(keys & 0x8000, keys & 0x7FFF, ~keys).astype(np.uint16)
-    return bits.view(np.float16)
-
-
 def keys_from_max(values: np.ndarray) -> np.ndarray:
-    """Column 0: the row max's key; column i: key(max) - key(v_i), small and non-negative (uint16 wraps, so exact)."""
-    keys = order_keys(values)
-    out = keys[..., :1] - keys
-    out[..., 0] = keys[..., 0]
+    """Column 0: the row max's key; column i: key(max) - key(v_i), the running sum of the format's differences."""
+    out = encode_sorted_key_delta(values)
+    np.cumsum(out[..., 1:], axis=-1, dtype=np.uint16, out=out[..., 1:])
     return out
 
 
 def undo_keys_from_max(out: np.ndarray) -> np.ndarray:
-    keys = out[..., :1] - out
-    keys[..., 0] = out[..., 0]
-    return from_keys(keys)
-
-
-def keys_successive(values: np.ndarray) -> np.ndarray:
-    """Column 0: the row max's key; column i: key(v_{i-1}) - key(v_i)."""
-    keys = order_keys(values)
-    out = keys.copy()
-    out[..., 1:] = keys[..., :-1] - keys[..., 1:]
-    return out
-
-
-def undo_keys_successive(out: np.ndarray) -> np.ndarray:
-    first = out[..., :1]
-    rest = first - np.cumsum(out[..., 1:], axis=-1, dtype=np.uint16)
-    return from_keys(np.concatenate([first, rest], axis=-1))
+    deltas = out.copy()
+    deltas[..., 2:] = np.diff(out[..., 1:], axis=-1)
+    return decode_sorted_key_delta(deltas)
 
 
 def float_from_max(values: np.ndarray) -> np.ndarray:
@@ -109,10 +88,11 @@ def undo_float_from_max(out: np.ndarray) -> np.ndarray:
 
 
 TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
-    "as stored (float16)": (lambda v: v, lambda v: v),
-    "row max + key(max) - key(v) (uint16 order keys)": (keys_from_max, undo_keys_from_max),
-    "row max + key(v[i-1]) - key(v[i])": (keys_successive, undo_keys_successive),
-    "row max + float16(max - v)": (float_from_max, undo_float_from_max),
+    "float16 as is (format 1)": (lambda v: v, lambda v: v),
+    "kdcache.sorted_key_delta (format 2): max key + key(v[i-1]) - key(v[i])":
+        (encode_sorted_key_delta, lambda e: decode_sorted_key_delta(e.copy())),
+    "max key + key(max) - key(v[i])": (keys_from_max, undo_keys_from_max),
+    "row max + float16(max - v[i])": (float_from_max, undo_float_from_max),
 }
 
 
@@ -120,9 +100,14 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
 # Measuring a store.
 
 
-def encoded_nbytes(array_dir: Path, values: np.ndarray, blosc: dict | None) -> int:
-    """Total bytes of the shard files of `values` under the array's layout with `blosc` (None: no Blosc)."""
-    layout = dataclasses.replace(parse_layout(array_dir), blosc=blosc, dtype=values.dtype.newbyteorder("<"))
+def encoded_nbytes(array_dir: Path, values: np.ndarray, blosc: dict | None, transform: bool | None = None) -> int:
+    """Total bytes of the shard files of `values` under the array's layout with `blosc` (None: no Blosc, {}: the
+    array's own) and with kdcache.sorted_key_delta or not (None: as the array has it)."""
+    stored = parse_layout(array_dir)
+    delta = stored.sorted_key_delta if transform is None else transform
+    layout = dataclasses.replace(stored, blosc=stored.blosc if blosc == {} else blosc, sorted_key_delta=delta,
+                                 array_dtype=values.dtype,
+                                 dtype=np.dtype(np.uint16 if delta else values.dtype).newbyteorder("<"))
     n, per_shard = layout.shape[0], layout.per_shard
     shards = [shard_range(s, n, per_shard) for s in range(num_shards(n, per_shard))]
     return sum(len(encode_shard(layout, values[rows.start:rows.stop])) for rows in shards)
@@ -146,39 +131,43 @@ def measure(store: str, teachers: dict[str, str], judged: list[str]) -> Section:
         n, seq_len, k = group["topk_logits"].shape
         positions = n * seq_len
         best: dict[str, tuple[int, str]] = {}  # array -> (fewest bytes, how): any codec, for the logits any transform
+        format1 = disk_nbytes(directory / "lse")  # top-k as format 1 stored it (lse: raw then as now)
         for array in [a for a in (*TOPK, *SAMPLED) if a in group]:
             values = group[array][...]
             sizes = {codec: encoded_nbytes(directory / array, values, blosc) for codec, blosc in CODECS.items()}
             on_disk = disk_nbytes(directory / array)
-            stored = sizes[DEFAULT] if parse_layout(directory / array).compressed else sizes["none"]
-            if stored != on_disk:
-                notes.append(f"{name}/{array}: re-encoded {stored} B but {on_disk} B on disk")
+            if sizes[DEFAULT] != on_disk:
+                notes.append(f"{name}/{array}: re-encoded {sizes[DEFAULT]} B but {on_disk} B on disk")
             per_array.append([description, array, f"{values.nbytes / positions:.1f}", f"{on_disk / positions:.1f}",
                               *[cell(size, values.nbytes, positions) for size in sizes.values()]])
             best[array] = min((size, codec) for codec, size in sizes.items())
             if array == "topk_logits":
                 best[array] = logit_transforms(description, directory / array, values, positions, transforms)
+                format1 += encoded_nbytes(directory / array, values, CODECS[FORMAT1], transform=False)
+            elif array == "topk_ids":
+                format1 += sizes[FORMAT1]
         lse = disk_nbytes(directory / "lse")  # stored raw by the schema
         topk_default = sum(disk_nbytes(directory / a) for a in TOPK) / positions
         topk_best = (best["topk_logits"][0] + best["topk_ids"][0] + lse) / positions
         how = f"logits: {best['topk_logits'][1]}; ids: {best['topk_ids'][1]}"
         sampled = sum(disk_nbytes(directory / a) for a in SAMPLED if a in group) / positions
-        totals.append([description, root.attrs["vocab_size"], positions, topk_default, topk_best, how,
-                       sampled if "sample_ids" in group else "-"])
+        totals.append([description, root.attrs["vocab_size"], positions, format1 / positions, topk_default,
+                       topk_best, how, sampled if "sample_ids" in group else "-"])
         if name in judged:
-            targets += [Target(f"top-{k} B/position, default codec, {description}", topk_default, TARGET,
-                               at_least=False),
-                        Target(f"top-{k} B/position, best lossless transform + codec, {description}", topk_best,
-                               TARGET, at_least=False)]
+            targets.append(Target(f"top-{k} B/position, default codec, {description}", topk_default, TARGET,
+                                  at_least=False))
     codec_names = list(CODECS)
     return Section("2. Store size per position", [
-        Table(["teacher", "vocab", "positions", "top-k B/position: default codec, on disk", "best lossless",
-               "best: how", "sampled ids + counts B/position, default codec"], totals,
+        Table(["teacher", "vocab", "positions", "top-k B/position: format 1 (zstd1 bitshuffle, float16 logits)",
+               "format 2 default, on disk", "best lossless", "best: how",
+               "sampled ids + counts B/position, default codec"], totals,
               "Totals (top-k = topk_logits + topk_ids + lse; lse is stored without Blosc)"),
         Table(["teacher", "array", "raw B/position", "on disk", *codec_names], per_array,
-              "Bytes per position (compression ratio) per array and codec, shard index and chunk crc32c included"),
+              "Bytes per position (compression ratio) per array and codec, shard index and chunk crc32c included; "
+              "topk_logits through kdcache.sorted_key_delta"),
         Table(["teacher", "topk_logits stored as", "lossless on this data", *codec_names], transforms,
-              "Transforms of topk_logits, bytes per position"),
+              "Transforms of topk_logits, bytes per position (the codec columns' shuffle applies to the "
+              "transform's output)"),
     ], targets, notes)
 
 
@@ -189,7 +178,7 @@ def logit_transforms(description: str, array_dir: Path, values: np.ndarray, posi
     for transform, (encode, decode) in TRANSFORMS.items():
         coded = encode(values)
         differ = int(np.count_nonzero(decode(coded).view(np.uint16) != values.view(np.uint16)))
-        sizes = {codec: encoded_nbytes(array_dir, coded, blosc) for codec, blosc in CODECS.items()}
+        sizes = {codec: encoded_nbytes(array_dir, coded, blosc, transform=False) for codec, blosc in CODECS.items()}
         rows.append([description, transform, f"no: {differ:,} of {values.size:,} values change" if differ else "yes",
                      *[f"{size / positions:.1f}" for size in sizes.values()]])
         if not differ:
