@@ -28,7 +28,7 @@ from cache.reader import ShardedArrayReader
 from cache.schema import (
     COMPLETE, StoreError, completed_shards, create_store, open_store, read_tokens, tokenizer_sha256, write_tokens,
 )
-from precompute.targets import precompute_targets, sample_counts
+from precompute.targets import logsumexps, logsumexps_by_rows, precompute_targets, sample_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, PER_SHARD = 16, 4
@@ -130,6 +130,15 @@ def arrays(store: str, group: str) -> dict[str, torch.Tensor]:
 def tree(path: str) -> dict[str, bytes]:
     root = Path(path)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_logsumexps_by_rows_equal_the_dense_formula():
+    logits = torch.randn(3, 50, 37, generator=torch.Generator().manual_seed(0)) * 4  # 150 rows: 9 full chunks + 6
+    temperatures = [1.0, 2.0, 0.5]
+    by_rows = logsumexps_by_rows(logits, temperatures, rows=16)
+    assert by_rows.shape == (3, 50, 3)
+    assert torch.allclose(by_rows, logsumexps(logits, temperatures), atol=1e-5)
+    assert torch.allclose(by_rows[..., 1], torch.logsumexp(logits / 2, -1), atol=1e-5)
 
 
 @pytest.mark.parametrize("teacher", ["llama", "gpt2"])
