@@ -120,15 +120,20 @@ class DistillDataset(Dataset):
         return len(self.reader)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return self.__getitems__([i])[0]
+        return {key: value[0] for key, value in self.__getitems__([i]).items()}
 
-    def __getitems__(self, idx: list[int]) -> list[dict[str, Tensor]]:
-        """The DataLoader's batched fetch: one reader call decodes the whole batch's chunks."""
+    def __getitems__(self, idx: list[int]) -> dict[str, Tensor]:
+        """The DataLoader's batched fetch: one reader call decodes the whole batch's chunks, and the batch stays
+        one tensor per array (`collate` passes it on) instead of being split into items and stacked again."""
         batch = {key: self._convert(key, value) for key, value in self.reader.batch(idx).items()}
         for key in [k for k in batch if k.endswith("_scale")]:  # int8 hidden -> float16 values
             hidden = key.removesuffix("_scale")
             batch[hidden] = (batch[hidden].float() * batch.pop(key).float().unsqueeze(-1)).half()
-        return [{key: value[j] for key, value in batch.items()} for j in range(len(idx))]
+        return batch
+
+    @staticmethod
+    def collate(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return batch
 
     def _convert(self, key: str, value: np.ndarray) -> Tensor:
         if key.endswith("/lse"):
@@ -197,13 +202,13 @@ def distill(cfg: Config, runs_root: str | Path = "runs", resume: bool = False, b
     fingerprint = {**fingerprint, "kd": dataclasses.asdict(plan),
                    "teachers": {name: store[f"{schema.TEACHERS}/{name}"].attrs.get("settings_digest") for name in plan.arrays()}}
     return train_and_report(cfg, model, dataset, paths.student, make_kd_loss(plan, cfg.distill.hard_weight, projections),
-                            resume, fingerprint, paths.tokenizer, projections)
+                            resume, fingerprint, paths.tokenizer, projections, DistillDataset.collate)
 
 
 def train_and_report(cfg: Config, model, dataset, out_dir: Path, loss_fn, resume: bool, fingerprint: dict,
-                     tokenizer_dir: Path, extra: nn.Module | None) -> Path:
+                     tokenizer_dir: Path, extra: nn.Module | None, collate_fn=None) -> Path:
     train(model, dataset, cfg.student_train, out_dir, loss_fn, seed=cfg.seed, resume=resume,
-          fingerprint=fingerprint, tokenizer_dir=tokenizer_dir, extra_modules=extra)
+          fingerprint=fingerprint, tokenizer_dir=tokenizer_dir, extra_modules=extra, collate_fn=collate_fn)
     return out_dir / "model"
 
 

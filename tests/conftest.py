@@ -1,14 +1,13 @@
 """Shared test settings: tiny models run faster single-threaded on a busy 2-core machine."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(1)
+from shared_data import SHARED_DATA
 
-SHARED_DATA = Path(os.environ.get("KDCACHE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

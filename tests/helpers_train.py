@@ -13,8 +13,9 @@ from transformers import PreTrainedTokenizerFast
 
 from cache.config import Config, DataConfig, EvalConfig, ModelConfig, TeacherConfig, TokenizerConfig, TrainConfig, load_config, run_paths
 from cache.schema import create_store, tokenizer_sha256, write_tokens
+from shared_data import SHARED_DATA
 
-BLIMP = Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp"
+BLIMP = SHARED_DATA / "blimp"
 SEQ = 16
 VOCAB = 320
 SPECIAL_IDS = {"pad": 0, "bos": 1, "eos": 2}

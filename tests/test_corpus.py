@@ -8,8 +8,6 @@ from cache.config import CleaningConfig, Config, CorpusConfig, run_paths
 from cache.schema import sha256_file
 from precompute.corpus import CorpusError, build_corpus, clean_line, expand_entries, read_lines, read_split
 
-REPO = Path(__file__).resolve().parents[1]
-SWITCHBOARD = REPO.parent / "shared" / "data" / "babylm" / "train_10M" / "switchboard.train"
 CLEAN = CleaningConfig()
 
 
@@ -36,13 +34,13 @@ def test_cleaning_can_be_switched_off():
     assert clean_line("*MOT:\tﬁne  x ", off) == "*MOT:\tﬁne  x "
 
 
-@pytest.mark.skipif(not SWITCHBOARD.is_file(), reason="BabyLM switchboard.train not in ../shared/data")
-def test_reads_real_switchboard_without_speaker_tags():
-    split = read_split([str(SWITCHBOARD)], CLEAN, "test")
+def test_reads_real_switchboard_without_speaker_tags(shared_data):
+    switchboard = shared_data / "babylm" / "train_10M" / "switchboard.train"
+    split = read_split([str(switchboard)], CLEAN, "test")
     assert len(split.lines) == 18000
     assert not any(line.startswith(("A:", "B:")) for line in split.lines)
     assert split.lines[0] == "I'm sure they are."
-    assert split.sources == {str(SWITCHBOARD): sha256_file(SWITCHBOARD)}
+    assert split.sources == {str(switchboard): sha256_file(switchboard)}
 
 
 def write(path: Path, data: bytes) -> Path:

@@ -14,10 +14,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from torch.utils.data import DataLoader
 
 import student.distill
 from cache.cli import main
 from cache.config import load_config, run_paths
+from cache.reader import StoreReader
+from cache.schema import open_store
 from cache.verify import verify_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,3 +210,22 @@ def test_a_store_from_another_tokenizer_is_refused(run, tmp_path):
     result = CliRunner().invoke(main, ["distill", "--config", str(config), "--runs-root", str(runs)])
     assert result.exit_code == 1
     assert "tokenizer_sha256" in result.output and "cache.zarr" in result.output
+
+
+def test_distill_dataset_batches_are_the_stores_arrays(run):
+    """Through a DataLoader the batch is one tensor per stored array (ids widened, lse at the distill temperature)."""
+    config, runs = run
+    cfg = load_config(config)
+    paths = run_paths(cfg, runs)
+    plan = student.distill.plan_from_config(cfg, open_store(str(paths.store)), cfg.student.num_layers)
+    dataset = student.distill.DistillDataset(paths.store, "train", plan, {})
+    idx = [5, 0, 3]
+    batch = next(iter(DataLoader(dataset, sampler=idx, batch_size=3, collate_fn=dataset.collate)))
+    stored = StoreReader(paths.store, teachers=list(plan.arrays()), arrays=plan.arrays()).batch(idx)
+    assert set(batch) == set(stored) and any(key.endswith("/hidden_2") for key in batch)
+    for key, values in stored.items():
+        if key.endswith("/lse"):
+            values = values[..., plan.temperature_index[key.split("/")[0]]]
+        assert batch[key].shape == values.shape and batch[key].dtype != torch.uint16, key
+        assert torch.equal(batch[key], torch.from_numpy(values.astype(batch[key].numpy().dtype))), key
+    assert all(torch.equal(dataset[3][key], batch[key][2]) for key in batch)

@@ -31,7 +31,7 @@ from cache.codecs import decode_sorted_key_delta, encode_sorted_key_delta
 from cache.config import ModelConfig, TrainConfig, load_config
 from cache.encoder import encode_shard
 from cache.reader import parse_layout
-from cache.schema import TEACHERS, num_shards, open_store, shard_range
+from cache.schema import TEACHERS, StoreError, num_shards, open_store, shard_range
 from precompute.data import prepare_data
 from precompute.targets import precompute_targets
 from student.model import build_model, count_parameters
@@ -191,11 +191,15 @@ def logit_transforms(description: str, array_dir: Path, values: np.ndarray, posi
 
 
 def demo_teachers() -> tuple[str, dict[str, Path]] | None:
-    """The demo run's store and trained teachers, if `make distill` ran here."""
+    """The demo run's store and trained teachers, if `make distill` ran here (with this store format)."""
     runs = REPO / "runs" / "demo"
     models = {p.parent.name: p for p in sorted((runs / "teachers").glob("*/model")) if (p / "config.json").is_file()}
     store = runs / "cache.zarr"
-    return (str(store), models) if models and (store / "zarr.json").is_file() else None
+    try:
+        open_store(str(store))
+    except StoreError:
+        return None
+    return (str(store), models) if models else None
 
 
 def train_real_teacher(workdir: Path) -> tuple[str, Path, str]:
@@ -245,7 +249,8 @@ def real_stores(profile: Profile, workdir: Path, random_teachers: dict[str, Path
         merge(main, section)
     else:
         main = measure(store, described, judged)
-        main.notes.append("No trained demo teachers under runs/demo/teachers (run `make distill` first to add them).")
+        main.notes.append("No trained demo teachers and store of this format under runs/demo (run `make distill` "
+                          "first to add them).")
     main.notes += [
         f"256 sequences x {profile.seq_len} positions per teacher (the demo: 512 x 64), k={profile.k}, "
         f"temperatures 1 and 2, {profile.samples} samples at T=1.",
