@@ -51,11 +51,28 @@ def dir_bytes(path: str | Path) -> int:
     return total
 
 
+def codec_chain(array: zarr.Array) -> str:
+    """The chunk codecs of an array (inside the sharding codec), e.g. 'kdcache.sorted_key_delta, blosc lz4hc5
+    bitshuffle, crc32c'; the `bytes` serializer is left out."""
+    codecs = [c.to_dict() for c in array.metadata.codecs]
+    if codecs and codecs[0]["name"] == "sharding_indexed":
+        codecs = list(codecs[0]["configuration"]["codecs"])
+    names = []
+    for codec in codecs:
+        conf = codec.get("configuration", {})
+        if codec["name"] == "blosc":
+            names.append(f"blosc {conf['cname']}{conf['clevel']} {conf['shuffle']}")
+        elif codec["name"] != "bytes":
+            names.append(codec["name"])
+    return ", ".join(names) or "none"
+
+
 def array_info(array: zarr.Array, store_dir: Path | None) -> dict:
     on_disk = dir_bytes(store_dir / array.path) if store_dir else None  # None: a remote store
     return {
         "shape": list(array.shape),
         "dtype": str(array.dtype),
+        "codecs": codec_chain(array),
         "raw_bytes": int(array.nbytes),
         "bytes_on_disk": on_disk,
         "compression_ratio": array.nbytes / on_disk if on_disk else None,
@@ -218,11 +235,11 @@ def inspect_text(s: dict) -> str:
                              num(t["bytes_per_position"], 1), num(t["compression_ratio"], 2)])
         for array, a in t["arrays"].items():
             array_rows.append([f"{name}/{array}", "x".join(map(str, a["shape"])), a["dtype"], human_bytes(a["raw_bytes"]),
-                               human_bytes(a["bytes_on_disk"]), num(a["compression_ratio"], 2)])
+                               human_bytes(a["bytes_on_disk"]), num(a["compression_ratio"], 2), a["codecs"]])
     parts = [head, table(["split", "sequences", "positions", "tokens on disk"], split_rows)]
     if teacher_rows:
         header = ["teacher", "k", "modes", "T", "hidden", "shards complete", "on disk", "B/position", "ratio"]
-        parts += [table(header, teacher_rows), table(["array", "shape", "dtype", "raw", "on disk", "ratio"], array_rows)]
+        parts += [table(header, teacher_rows), table(["array", "shape", "dtype", "raw", "on disk", "ratio", "codecs"], array_rows)]
     return "\n\n".join(parts)
 
 

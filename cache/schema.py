@@ -52,7 +52,8 @@ class ArraySpec:
     # Small chunks that barely compress (tokens, lse) skip Blosc: its fixed per-call cost dominates their reads.
     compress: bool = True
     # Blosc shuffle under `codec.shuffle: auto`, measured with lz4hc (docs/benchmarks.md, item 2): bitshuffle for
-    # the logits' key differences, byte shuffle for token ids, counts and float16 activations.
+    # the logits' key differences (and int8 activations, whose byte shuffle is a no-op), byte shuffle for token
+    # ids and counts.
     shuffle: str = "shuffle"
     sorted_rows: bool = False  # rows sorted descending: store them through kdcache.sorted_key_delta
 
@@ -192,8 +193,8 @@ def teacher_array_specs(
         specs["sample_ids"] = ArraySpec((width,), ids)
         specs["sample_counts"] = ArraySpec((width,), "uint16")
     for layer, size in sorted(hidden_sizes.items()):
-        shuffle = "bitshuffle" if hidden_dtype == "int8" else "shuffle"
-        specs[f"hidden_{layer}"] = ArraySpec((size,), hidden_dtype, shuffle=shuffle)
+        # float16 activations barely compress (1.01-1.09x): stored raw, they read several times faster
+        specs[f"hidden_{layer}"] = ArraySpec((size,), hidden_dtype, compress=hidden_dtype == "int8", shuffle="bitshuffle")
         if hidden_dtype == "int8":
             specs[f"hidden_{layer}_scale"] = ArraySpec((), "float16")
     return specs
