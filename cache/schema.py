@@ -103,8 +103,9 @@ def _storage_options(path: str) -> dict[str, Any] | None:
     return {"auto_mkdir": True} if str(path).startswith("file://") else None
 
 
-def open_store(path: str, mode: str = "r") -> zarr.Group:
-    """Open a store (a local path or any fsspec URL zarr accepts) and check its format version."""
+def open_store(path: str, mode: str = "r", any_version: bool = False) -> zarr.Group:
+    """Open a store (a local path or any fsspec URL zarr accepts) and check its format version (unless
+    `any_version`: for deciding whether an old store may be replaced)."""
     try:
         root = zarr.open_group(store=str(path), mode=mode, zarr_format=3, storage_options=_storage_options(path))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as e:
@@ -112,7 +113,7 @@ def open_store(path: str, mode: str = "r") -> zarr.Group:
     version = root.attrs.get("format_version")
     if mode != "w" and version is None and mode == "r":
         raise StoreError(f"{path}: not a kdcache store (no format_version attribute)")
-    if version is not None and version != FORMAT_VERSION:
+    if version is not None and version != FORMAT_VERSION and not any_version:
         raise StoreError(f"{path}: store format version {version}, this kdcache reads version {FORMAT_VERSION} "
                          f"(recreate the store: `kdcache data`, then `kdcache precompute`)")
     return root

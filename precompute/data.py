@@ -46,7 +46,7 @@ def check_replaceable(store: Path, overwrite: bool) -> None:
     """Refuse to replace a store holding teacher targets: they are only valid for its tokens."""
     if overwrite or not store.exists():
         return
-    teachers = schema.teacher_names(schema.open_store(str(store)))
+    teachers = schema.teacher_names(schema.open_store(str(store), any_version=True))  # an old format is replaceable
     if teachers:
         raise StoreError(
             f"{store}: holds cached targets of teachers {teachers}; re-tokenising would invalidate them "

@@ -96,6 +96,26 @@ def test_store_with_teachers_is_not_replaced_without_overwrite(tmp_path):
     assert schema.teacher_names(schema.open_store(str(paths.store))) == []
 
 
+def test_a_store_of_another_format_version_is_replaced(tmp_path):
+    """The way out that the reader's refusal names: `kdcache data` rewrites an old store (teachers need --overwrite)."""
+    cfg = small_config(tmp_path)
+    paths = prepare_data(cfg, runs_root=tmp_path)
+
+    def age() -> None:
+        schema.open_store(str(paths.store), mode="r+").attrs["format_version"] = schema.FORMAT_VERSION - 1
+        with pytest.raises(schema.StoreError, match="store format version"):
+            schema.open_store(str(paths.store))
+
+    age()
+    prepare_data(cfg, runs_root=tmp_path)  # tokens only: nothing is lost
+    add_teacher(paths.store)
+    age()
+    with pytest.raises(schema.StoreError, match=r"holds cached targets of teachers \['llama-tiny'\]"):
+        prepare_data(cfg, runs_root=tmp_path)
+    prepare_data(cfg, runs_root=tmp_path, overwrite=True)
+    assert schema.open_store(str(paths.store)).attrs["format_version"] == schema.FORMAT_VERSION
+
+
 def test_cli_prints_a_summary(tmp_path):
     cfg = small_config(tmp_path)
     result = CliRunner().invoke(data, ["--config", cfg.source_path, "--runs-root", str(tmp_path / "runs")])
