@@ -49,11 +49,11 @@ class ArraySpec:
 
     trailing: tuple[int, ...]
     dtype: str
-    # Small chunks that barely compress (tokens, lse) skip Blosc: its fixed per-call cost dominates their reads.
+    # Arrays that barely compress (tokens, float16 activations) skip Blosc: its per-call cost buys nothing.
     compress: bool = True
-    # Blosc shuffle under `codec.shuffle: auto`, measured with lz4hc (docs/benchmarks.md, item 2): bitshuffle for
-    # the logits' key differences (and int8 activations, whose byte shuffle is a no-op), byte shuffle for token
-    # ids and counts.
+    # Blosc shuffle under `codec.shuffle: auto`, measured with lz4hc on teachers trained on BabyLM text
+    # (docs/benchmarks.md, item 2): bitshuffle for the logits' key differences, the top-k ids, lse and int8
+    # activations (whose byte shuffle is a no-op); byte shuffle for the sampled ids and counts.
     shuffle: str = "shuffle"
     sorted_rows: bool = False  # rows sorted descending: store them through kdcache.sorted_key_delta
 
@@ -186,8 +186,8 @@ def teacher_array_specs(
     ids = ids_dtype(vocab_size)
     specs = {
         "topk_logits": ArraySpec((k,), "float16", shuffle="bitshuffle", sorted_rows=True),
-        "topk_ids": ArraySpec((k,), ids),
-        "lse": ArraySpec((n_temperatures,), "float32", compress=False),
+        "topk_ids": ArraySpec((k,), ids, shuffle="bitshuffle"),
+        "lse": ArraySpec((n_temperatures,), "float32", shuffle="bitshuffle"),
     }
     if samples:
         width = min(samples, vocab_size)

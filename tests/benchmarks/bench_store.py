@@ -131,7 +131,7 @@ def measure(store: str, teachers: dict[str, str], judged: list[str]) -> Section:
         n, seq_len, k = group["topk_logits"].shape
         positions = n * seq_len
         best: dict[str, tuple[int, str]] = {}  # array -> (fewest bytes, how): any codec, for the logits any transform
-        format1 = disk_nbytes(directory / "lse")  # top-k as format 1 stored it (lse: raw then as now)
+        format1 = 0  # top-k as format 1 stored it: float16 logits and ids under zstd1 bitshuffle, lse raw
         for array in [a for a in (*TOPK, *SAMPLED) if a in group]:
             values = group[array][...]
             sizes = {codec: encoded_nbytes(directory / array, values, blosc) for codec, blosc in CODECS.items()}
@@ -144,12 +144,11 @@ def measure(store: str, teachers: dict[str, str], judged: list[str]) -> Section:
             if array == "topk_logits":
                 best[array] = logit_transforms(description, directory / array, values, positions, transforms)
                 format1 += encoded_nbytes(directory / array, values, CODECS[FORMAT1], transform=False)
-            elif array == "topk_ids":
-                format1 += sizes[FORMAT1]
-        lse = disk_nbytes(directory / "lse")  # stored raw by the schema
+            elif array in TOPK:
+                format1 += sizes[FORMAT1 if array == "topk_ids" else "none"]
         topk_default = sum(disk_nbytes(directory / a) for a in TOPK) / positions
-        topk_best = (best["topk_logits"][0] + best["topk_ids"][0] + lse) / positions
-        how = f"logits: {best['topk_logits'][1]}; ids: {best['topk_ids'][1]}"
+        topk_best = sum(best[a][0] for a in TOPK) / positions
+        how = "; ".join(f"{a.removeprefix('topk_')}: {best[a][1]}" for a in TOPK)
         sampled = sum(disk_nbytes(directory / a) for a in SAMPLED if a in group) / positions
         totals.append([description, root.attrs["vocab_size"], positions, format1 / positions, topk_default,
                        topk_best, how, sampled if "sample_ids" in group else "-"])
@@ -161,7 +160,7 @@ def measure(store: str, teachers: dict[str, str], judged: list[str]) -> Section:
         Table(["teacher", "vocab", "positions", "top-k B/position: format 1 (zstd1 bitshuffle, float16 logits)",
                "format 2 default, on disk", "best lossless", "best: how",
                "sampled ids + counts B/position, default codec"], totals,
-              "Totals (top-k = topk_logits + topk_ids + lse; lse is stored without Blosc)"),
+              "Totals (top-k = topk_logits + topk_ids + lse)"),
         Table(["teacher", "array", "raw B/position", "on disk", *codec_names], per_array,
               "Bytes per position (compression ratio) per array and codec, shard index and chunk crc32c included; "
               "topk_logits through kdcache.sorted_key_delta"),
