@@ -5,9 +5,9 @@ codec tried, so a figure is exactly the shard files the store would hold with th
 checksums included; the default codec's figure is checked against the files on disk). Lossless transforms of
 `topk_logits` are encoded the same way and inverted to prove they are lossless.
 
-Real teacher data: the demo's trained teachers (runs/demo/teachers/*/model) when present, and a small Llama
-trained here for 200 steps on BabyLM text (switchboard and the 2023 test files) with a 16000-token BPE
-vocabulary, the seed's: the demo's 640-token vocabulary says little about a 16000-token cache.
+Real teacher data: a small Llama trained here for 200 steps on BabyLM text (switchboard and the 2023 test
+files) with a 16000-token BPE vocabulary, the seed's; and, when `make` built them here, the trained teachers of
+runs/mini_real (BabyLM text, vocabulary 8000) and runs/demo (640 tokens: says little about a 16000-token cache).
 
     python tests/benchmarks/bench_store.py
 """
@@ -53,6 +53,7 @@ CODECS: dict[str, dict | None] = {
 TOPK = ("topk_logits", "topk_ids", "lse")
 SAMPLED = ("sample_ids", "sample_counts")
 REAL_STEPS = 200
+TRAINED_RUNS = ("mini_real", "demo")  # runs whose teachers are measured when `make` has built them here
 REAL_SHAPE = ModelConfig(arch="llama", hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
                          max_position=128)
 
@@ -189,16 +190,34 @@ def logit_transforms(description: str, array_dir: Path, values: np.ndarray, posi
 # Real teachers.
 
 
-def demo_teachers() -> tuple[str, dict[str, Path]] | None:
-    """The demo run's store and trained teachers, if `make distill` ran here (with this store format)."""
-    runs = REPO / "runs" / "demo"
-    models = {p.parent.name: p for p in sorted((runs / "teachers").glob("*/model")) if (p / "config.json").is_file()}
-    store = runs / "cache.zarr"
+def trained_run(name: str) -> tuple[str, dict[str, str]] | None:
+    """runs/<name>'s store and trained teachers {name: model dir}, if `make` built them here (in this format)."""
+    run = REPO / "runs" / name
+    models = {p.parent.name: str(p) for p in sorted((run / "teachers").glob("*/model")) if (p / "config.json").is_file()}
     try:
-        open_store(str(store))
+        open_store(str(run / "cache.zarr"))
     except StoreError:
         return None
-    return (str(store), models) if models else None
+    return (str(run / "cache.zarr"), models) if models else None
+
+
+def describe_trained(run: str, model_dir: str, vocab: int) -> str:
+    """'<run> <teacher> (vocab V, N steps, train CE x)' from the teacher's metrics log."""
+    log = Path(model_dir).parent / "metrics.jsonl"
+    last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() else {}
+    trained = f", {last['step']} steps, train CE {last['loss']:.2f}" if "loss" in last else ""
+    return f"{run} {Path(model_dir).parent.name} (vocab {vocab:,}{trained})"
+
+
+def trained_run_section(run: str, source: str, models: dict[str, str], profile: Profile, workdir: Path) -> Section:
+    """Top-k and sampled targets of a run's trained teachers on 512 of its sequences, measured (and judged)."""
+    seq_len = open_store(source).attrs["seq_len"]
+    store = subset_store(source, workdir / f"{run}.zarr", 512, 128)
+    vocab = open_store(store).attrs["vocab_size"]
+    cfg = bench_config(vocab, seq_len, 128, models, k=profile.k, temperatures=[1.0, 2.0], samples=profile.samples,
+                       batch_size=profile.precompute_batch)
+    precompute_targets(cfg, device=profile.device, store=store)
+    return measure(store, {name: describe_trained(run, path, vocab) for name, path in models.items()}, list(models))
 
 
 def train_real_teacher(workdir: Path) -> tuple[str, Path, str]:
@@ -232,29 +251,20 @@ def real_stores(profile: Profile, workdir: Path, random_teachers: dict[str, Path
     precompute_targets(cfg, device=profile.device, store=store)
     described = {"real": description,
                  **{name: f"{name} (random init)" for name in random_teachers}}
-    judged = ["real"]
-    demo = demo_teachers()
-    if demo is not None:
-        demo_source, demo_models = demo
-        seq_len = open_store(demo_source).attrs["seq_len"]
-        demo_store = subset_store(demo_source, workdir / "demo.zarr", 512, 128)
-        vocab = open_store(demo_store).attrs["vocab_size"]
-        demo_cfg = bench_config(vocab, seq_len, 128, demo_models, k=profile.k, temperatures=[1.0, 2.0],
-                                samples=profile.samples, batch_size=profile.precompute_batch)
-        precompute_targets(demo_cfg, device=profile.device, store=demo_store)
-        section = measure(demo_store, {name: f"demo {name} (trained, vocab {vocab})" for name in demo_models},
-                          list(demo_models))
-        main = measure(store, described, judged)
-        merge(main, section)
-    else:
-        main = measure(store, described, judged)
-        main.notes.append("No trained demo teachers and store of this format under runs/demo (run `make distill` "
-                          "first to add them).")
+    main = measure(store, described, ["real"])
+    for run in TRAINED_RUNS:
+        if (found := trained_run(run)) is None:
+            main.notes.append(f"No trained teachers and store of this format under runs/{run} (`make cache "
+                              f"CONFIG=configs/{run}.yaml` adds them).")
+            continue
+        merge(main, trained_run_section(run, *found, profile, workdir))
     main.notes += [
-        f"256 sequences x {profile.seq_len} positions per teacher (the demo: 512 x 64), k={profile.k}, "
-        f"temperatures 1 and 2, {profile.samples} samples at T=1.",
-        "The 16000-token real-text teacher is the one the target is judged on; a 200-step model is less peaked "
-        "than a converged teacher, and the demo teachers (converged, 640 tokens) show the other end.",
+        f"256 sequences x {profile.seq_len} positions for the teachers trained here, 512 sequences of the run's "
+        f"own length for the runs' teachers; k={profile.k}, temperatures 1 and 2, {profile.samples} samples at T=1.",
+        "Every trained teacher is judged; the random-init ones (flat logits, near-uniform ids) are context. The "
+        "200-step 16000-token teacher is less peaked than a converged one; mini_real's teachers (BabyLM text, "
+        "vocabulary 8000) are the best-trained real-text teachers here; the demo's (640 tokens, a top-64 row is a "
+        "tenth of the vocabulary) are a toy.",
     ]
     return main, store, ["real", "real-copy"]
 
