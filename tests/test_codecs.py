@@ -8,12 +8,16 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import zarr
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 
-from cache.codecs import SORTED_KEY_DELTA, decode_sorted_key_delta, encode_sorted_key_delta
+from cache.codecs import SORTED_KEY_DELTA, SortedKeyDeltaCodec, decode_sorted_key_delta, encode_sorted_key_delta
 from cache.config import CodecConfig
+from cache.encoder import ShardedArrayWriter
 from cache.reader import ShardedArrayReader
 from cache.schema import ArraySpec, create_sharded_array, create_store
+from test_encoder import files
 
 LOGITS = ArraySpec((8,), "float16", shuffle="bitshuffle", sorted_rows=True)
 
@@ -58,3 +62,25 @@ def test_zarr_python_alone_reads_what_the_reader_reads(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, str(store / "logits")], capture_output=True, check=True)
     assert out.stdout == expected.tobytes()
     assert np.array_equal(zarr.open_array(str(store / "logits"), mode="r")[...], expected)
+
+
+@pytest.mark.parametrize("endian", ["little", "big"])
+def test_encoder_and_reader_follow_the_stored_byte_order(tmp_path, endian):
+    """The key differences are uint16 to the `bytes` codec: either byte order round-trips, byte for byte."""
+    values = -np.sort(-np.random.default_rng(3).standard_normal((5, 4, 6)).astype(np.float16), axis=-1)
+    codecs = [SortedKeyDeltaCodec(), BytesCodec(endian=endian), BloscCodec(cname="lz4", shuffle="bitshuffle"),
+              Crc32cCodec()]
+
+    def create(name: str) -> zarr.Array:
+        return zarr.open_group(str(tmp_path / name), mode="w").create_array(
+            "a", shape=values.shape, dtype="float16", chunks=(2, 4, 6), compressors=None, fill_value=0,
+            serializer=ShardingCodec(chunk_shape=(1, 4, 6), codecs=codecs), config={"write_empty_chunks": True})
+
+    create("zarr.zarr")[...] = values
+    create("encoder.zarr")
+    writer = ShardedArrayWriter(str(tmp_path / "encoder.zarr"), "a")
+    for shard in range(3):
+        writer.write(shard, values[2 * shard:2 * shard + 2])
+    assert files(tmp_path / "encoder.zarr/a") == files(tmp_path / "zarr.zarr/a")
+    reader = ShardedArrayReader(tmp_path / "encoder.zarr/a")
+    assert reader.dtype == np.float16 and np.array_equal(reader.read_sequences([4, 0, 2]), values[[4, 0, 2]])
