@@ -53,7 +53,6 @@ def local_path(store: str | os.PathLike) -> Path | None:
 @dataclass(frozen=True)
 class ShardLayout:
     shape: tuple[int, ...]
-    array_dtype: np.dtype  # what a read returns (native byte order)
     dtype: np.dtype  # what the `bytes` codec stored, in its byte order (uint16 under kdcache.sorted_key_delta)
     per_shard: int  # sequences per shard; the inner chunk is one sequence
     fill_value: np.ndarray  # an unwritten chunk's stored values (broadcast over a chunk)
@@ -62,6 +61,11 @@ class ShardLayout:
     checksummed: bool  # a crc32c codec ends the inner chain
     index_at_end: bool
     separator: str
+
+    @property
+    def array_dtype(self) -> np.dtype:
+        """What a read returns, in native byte order."""
+        return np.dtype(np.float16) if self.sorted_key_delta else self.dtype.newbyteorder("=")
 
     @property
     def compressed(self) -> bool:
@@ -87,21 +91,21 @@ def _named(entry: Any) -> tuple[str, dict]:
 def _parse_inner_codecs(codecs: list, dtype: np.dtype, where: str) -> tuple[np.dtype, dict | None, bool, bool]:
     """[sorted_key_delta?, bytes, blosc?, crc32c?] -> (stored dtype with its byte order, blosc configuration or
     None, checksummed, sorted_key_delta)."""
-    names = [_named(c)[0] for c in codecs]
-    delta = bool(names) and names[0] == SORTED_KEY_DELTA
-    serial = names[1:] if delta else names
-    if not serial or serial[0] != "bytes" or serial[1:] not in ([], ["blosc"], ["crc32c"], ["blosc", "crc32c"]):
-        raise StoreError(f"{where}: inner codecs {names} not supported "
-                         f"({SORTED_KEY_DELTA} for float16 optionally, bytes, then optionally blosc, then crc32c)")
+    delta = bool(codecs) and _named(codecs[0])[0] == SORTED_KEY_DELTA
     if delta and (dtype != np.float16 or _named(codecs[0])[1]):
         raise StoreError(f"{where}: {SORTED_KEY_DELTA} (without configuration) encodes float16, not {dtype}")
+    serial = [_named(c) for c in (codecs[1:] if delta else codecs)]  # what follows the array -> array codec
+    names = [name for name, _ in serial]
+    if not names or names[0] != "bytes" or names[1:] not in ([], ["blosc"], ["crc32c"], ["blosc", "crc32c"]):
+        raise StoreError(f"{where}: inner codecs {[SORTED_KEY_DELTA] * delta + names} not supported "
+                         f"({SORTED_KEY_DELTA} for float16 optionally, bytes, then optionally blosc, then crc32c)")
     chunk_dtype = np.dtype(np.uint16) if delta else dtype
-    endian = _named(codecs[len(names) - len(serial)])[1].get("endian")
+    endian = serial[0][1].get("endian")
     if endian not in ("little", "big") and not (endian is None and chunk_dtype.itemsize == 1):
         raise StoreError(f"{where}: bytes codec endian {endian!r} not supported for {chunk_dtype}")
     stored = chunk_dtype.newbyteorder("<" if endian != "big" else ">")
-    blosc = _named(codecs[-2 if serial[-1] == "crc32c" else -1])[1] if "blosc" in serial else None
-    return stored, blosc, serial[-1] == "crc32c", delta
+    blosc = serial[1][1] if "blosc" in names else None
+    return stored, blosc, names[-1] == "crc32c", delta
 
 
 def parse_layout(array_dir: Path) -> ShardLayout:
@@ -162,8 +166,8 @@ def layout_from_json(text: str | bytes, where: str) -> ShardLayout:
         raise refuse(f"fill_value {meta.get('fill_value')!r} not supported for {dtype}") from None
     if delta:  # a chunk of fill values, as stored: decoding it gives the fill value back
         fill_value = encode_sorted_key_delta(np.full(shape[1:], fill_value))
-    return ShardLayout(shape, dtype, stored, shard_shape[0], fill_value, delta, blosc, checksummed,
-                       location == "end", separator)
+    return ShardLayout(shape, stored, shard_shape[0], fill_value, delta, blosc, checksummed, location == "end",
+                       separator)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -107,7 +107,6 @@ def encoded_nbytes(array_dir: Path, values: np.ndarray, blosc: dict | None, tran
     stored = parse_layout(array_dir)
     delta = stored.sorted_key_delta if transform is None else transform
     layout = dataclasses.replace(stored, blosc=stored.blosc if blosc == {} else blosc, sorted_key_delta=delta,
-                                 array_dtype=values.dtype,
                                  dtype=np.dtype(np.uint16 if delta else values.dtype).newbyteorder("<"))
     n, per_shard = layout.shape[0], layout.per_shard
     shards = [shard_range(s, n, per_shard) for s in range(num_shards(n, per_shard))]
