@@ -556,15 +556,17 @@ def forward_only_throughput(model: PreTrainedModel, tokens: np.ndarray | torch.T
     model.to(device)
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     forward(model, ids[:batch_size].to(device))  # warm-up: allocator, kernels
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for lo in range(0, len(ids), batch_size):
         forward(model, ids[lo:lo + batch_size].to(device))
-    _synchronize(device)
+    synchronize(device)
     return ids.numel() / (time.perf_counter() - start)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): what a wall-clock timing needs around it."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
 from benchlib import (
-    PROFILES, SPLIT, Profile, Section, Table, Target, bench_config, median, run_section, save_random_teacher,
+    PROFILES, SPLIT, Profile, Section, Table, Target, bench_config, run_section, save_random_teacher,
     synthetic_store, time_calls,
 )
 from cache.config import Config

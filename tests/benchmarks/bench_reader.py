@@ -22,13 +22,13 @@ from typing import Callable
 import numpy as np
 
 from bench_precompute import precompute_store
-from benchlib import PROFILES, SPLIT, Section, Table, Target, run_section
+from benchlib import PROFILES, SPLIT, Section, Table, Target, run_section, subset_store
 from cache.config import CodecConfig
 from cache.encoder import ShardedArrayWriter
 from cache.reader import StoreReader, ZarrArrayReader
 from cache.schema import (
-    TEACHERS, TOKENS, create_store, create_teacher_split, mark_shard_complete, num_shards, open_store, read_tokens,
-    shard_range, teacher_array_specs, write_tokens,
+    TEACHERS, TOKENS, create_teacher_split, mark_shard_complete, num_shards, open_store, shard_range,
+    teacher_array_specs,
 )
 from precompute.targets import precompute_targets
 from student.distill import DistillDataset, KDPlan
@@ -73,11 +73,9 @@ def recode(store: str, teachers: list[str], dst: Path, codec: CodecConfig, as_fo
     """The same tokens and tail-loss arrays in a new store whose teacher arrays use `codec` (laid out as store
     format 1 did if `as_format1`)."""
     src = open_store(store)
-    tokens = read_tokens(src, SPLIT)
-    root = create_store(str(dst), {key: src.attrs[key] for key in ("seq_len", "vocab_size", "tokenizer_sha256")})
+    n = src[f"{TOKENS}/{SPLIT}"].shape[0]
     per_shard = src[f"{TOKENS}/{SPLIT}"].attrs["per_shard"]
-    write_tokens(root, SPLIT, tokens, per_shard, codec, src.attrs["vocab_size"])
-    n = tokens.shape[0]
+    root = open_store(subset_store(store, dst, n, per_shard), mode="r+")
     for teacher in teachers:
         attrs = src[f"{TEACHERS}/{teacher}"].attrs.asdict()
         specs = teacher_array_specs(attrs["k"], src.attrs["vocab_size"], len(attrs["temperatures"]), 0, {}, "float16")

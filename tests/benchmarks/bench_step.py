@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+from statistics import median
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from benchlib import PROFILES, SPECIAL_IDS, Profile, Section, Table, Target, median, run_section, time_calls
+from benchlib import PROFILES, SPECIAL_IDS, Profile, Section, Table, Target, run_section, time_calls
 from cache.config import TrainConfig
-from precompute.targets import logsumexps, sample_counts
+from precompute.targets import sample_counts, topk_targets
 from student.distill import HiddenPair, KDPlan, make_kd_loss, make_online_loss
 from student.losses import HiddenProjections, uniform_layer_mapping
 from student.model import build_model
@@ -43,10 +44,10 @@ def teacher_batch(profile: Profile, device: torch.device, seed: int = 0) -> dict
     batch = {"input_ids": torch.randint(3, profile.vocab, shape, generator=gen, device=device)}
     for i, (name, teacher) in enumerate(profile.teachers.items()):
         logits = torch.randn(*shape, profile.vocab, generator=gen, device=device) * 3
-        values, ids = logits.topk(profile.k, dim=-1)
+        targets = topk_targets(logits, profile.k, [TEMPERATURE])
         sample_ids, counts = sample_counts(logits, profile.samples, 1.0, gen)
-        batch.update({f"{name}/topk_logits": values.half(), f"{name}/topk_ids": ids.int(),
-                      f"{name}/lse": logsumexps(logits, [TEMPERATURE])[..., 0],
+        batch.update({f"{name}/topk_logits": targets["topk_logits"], f"{name}/topk_ids": targets["topk_ids"].int(),
+                      f"{name}/lse": targets["lse"][..., 0],
                       f"{name}/sample_ids": sample_ids.int(), f"{name}/sample_counts": counts.int()})
         if i == 0:
             batch[f"{name}/hidden_{profile.hidden_teacher_layer}"] = torch.randn(

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 
 from cache.config import CacheConfig, CodecConfig, Config, DataConfig, ModelConfig, TeacherConfig, TokenizerConfig
 from cache.schema import create_store, open_store, read_tokens, write_tokens
+from precompute.targets import synchronize
 from student.model import build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -269,11 +269,6 @@ def _git_commit() -> str:
 # Timing.
 
 
-def synchronize(device: str | torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_calls(fn: Callable[[], Any], warmup: int, reps: int, device: str) -> list[float]:
     """Seconds of each of `reps` calls of fn after `warmup` untimed ones (the device synchronised around each)."""
     for _ in range(warmup):
@@ -286,10 +281,6 @@ def time_calls(fn: Callable[[], Any], warmup: int, reps: int, device: str) -> li
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 # ---------------------------------------------------------------------------------------------------------------
