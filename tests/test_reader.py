@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 from torch.utils.data import DataLoader
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec
 
 import cache.schema as schema
 from cache.config import CodecConfig
