@@ -119,8 +119,7 @@ def _nouns_of(agreement: str, nouns: list[tuple[str, str, str]]) -> list[str]:
 # The rule table: nonterminal -> [(right-hand side, weight)]. Nonterminals are capitalised; the rest are words.
 
 Rules = dict[str, list[tuple[tuple[str, ...], float]]]
-VERB_FORMS = ("sg", "pl", "base", "ing", "pp")  # index into a verb tuple: sg 1, pl/base 0, ing 2, pp 3
-FORM_INDEX = {"sg": 1, "pl": 0, "base": 0, "ing": 2, "pp": 3}
+FORM_INDEX = {"sg": 1, "pl": 0, "base": 0, "ing": 2, "pp": 3}  # verb form -> index into a verb tuple
 
 
 def _lexical_rules(add: Callable[..., None]) -> None:
@@ -140,7 +139,7 @@ def _lexical_rules(add: Callable[..., None]) -> None:
                           (DETERMINERS["pl"], "Det.pl")):
         for word in words:
             add(symbol, (word,))
-    for form in VERB_FORMS:
+    for form in FORM_INDEX:
         for verb in INTRANSITIVE:
             add(f"IV.{form}", (verb[FORM_INDEX[form]],))
         for verb in TRANSITIVE:
@@ -343,7 +342,6 @@ TRANSITIVITY = {
     for own, other in ((NEEDS_OBJECT, NO_OBJECT), (NO_OBJECT, NEEDS_OBJECT))
     for i, a in enumerate(own) for b in [other[i % len(other)]] for k in (0, 1)
 }
-IRREGULAR_NOUNS = {w for sg, pl, _ in IRREGULAR for w in (sg, pl)} | {w for pair in IRREGULAR_INANIMATE for w in pair}
 Built = tuple[list[str], int, dict[str, str]]
 
 

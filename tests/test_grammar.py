@@ -7,12 +7,13 @@ import pytest
 
 from precompute import grammar
 from precompute.grammar import (
-    ANIMATE, AUXILIARIES, CONTRACTED, INANIMATE, INTRANSITIVE, IRREGULAR, IRREGULAR_INANIMATE, IRREGULAR_NOUNS,
-    NEEDS_OBJECT, NO_OBJECT, PHENOMENA, REFLEXIVES, TRANSITIVE, generate_corpus, generate_minimal_pairs,
+    ANIMATE, AUXILIARIES, CONTRACTED, INANIMATE, INTRANSITIVE, IRREGULAR, IRREGULAR_INANIMATE, NEEDS_OBJECT,
+    NO_OBJECT, PHENOMENA, REFLEXIVES, TRANSITIVE, generate_corpus, generate_minimal_pairs,
     is_grammatical, words_of, write_minimal_pairs,
 )
 
 PAIRS = 200
+IRREGULAR_NOUNS = {w for sg, pl, _ in IRREGULAR for w in (sg, pl)} | {w for pair in IRREGULAR_INANIMATE for w in pair}
 
 
 @pytest.fixture(scope="module")
