@@ -2,7 +2,7 @@
 
 `zarr_array[rows] = values` on one shard spends ~0.1-0.3 ms of GIL-holding Python per inner chunk (100-250 ms
 for a shard of 32k positions), while the Zarr v3 sharding layout is simple to produce: every inner chunk (one
-sequence) goes through the inner codec chain - kdcache.sorted_key_delta where the array has it (cache.codecs),
+sequence) goes through the inner codec chain - the kdcache transform where the array has one (cache.codecs),
 `bytes` (the stored byte order), Blosc configured as zarr's BloscCodec configures numcodecs, a little-endian
 crc32c appended - the chunks follow each other in order (the Morton order of a [per_shard, 1, ...] chunk grid
 is plain order), and the index of (offset, nbytes) uint64 pairs plus its crc32c ends (or starts) the shard.
@@ -26,7 +26,6 @@ import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from cache.codecs import encode_sorted_key_delta
 from cache.reader import CRC_BYTES, EMPTY, ShardLayout, layout_from_json, local_path, parse_layout
 from cache.schema import StoreError, num_shards, open_store, shard_range
 
@@ -61,8 +60,8 @@ def encode_shard(layout: ShardLayout, values: np.ndarray, pool: Executor | None 
     if not 1 <= len(values) <= layout.per_shard or values.shape[1:] != layout.shape[1:]:
         raise ValueError(f"shard values of shape {list(values.shape)}: expected [1..{layout.per_shard}, "
                          f"{', '.join(map(str, layout.shape[1:]))}]")
-    if layout.sorted_key_delta:
-        values = encode_sorted_key_delta(values)
+    if layout.transform:
+        values = layout.transform.encode_array(values)
     values = values.astype(layout.dtype, copy=False)
     blosc = blosc_codec(layout)
     if pool is None or len(values) <= TASK_CHUNKS:

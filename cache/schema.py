@@ -8,7 +8,7 @@ open and check stores through it.
       tokens/<split>                  [N, L] token ids
       teachers/<name>/                attrs: teacher identity, k, temperatures, layers, dtypes, modes
         <split>/topk_logits           [N, L, k] float16, sorted descending (temperature 1; kdcache.sorted_key_delta)
-        <split>/topk_ids              [N, L, k] uint16 | int32
+        <split>/topk_ids              [N, L, k] uint16 (kdcache.vocab_rank) | int32
         <split>/lse                   [N, L, n_temperatures] float32: logsumexp(logits / T)
         <split>/sample_ids            [N, L, S] uint16 | int32   (random-sampling KD, optional)
         <split>/sample_counts         [N, L, S] uint16            (0 = padding)
@@ -30,7 +30,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from cache import FORMAT_VERSION
-from cache.codecs import SortedKeyDeltaCodec
+from cache.codecs import SORTED_KEY_DELTA, VOCAB_RANK, ArrayTransform, SortedKeyDeltaCodec, VocabRankCodec
 from cache.config import CodecConfig
 
 TOKENS = "tokens"
@@ -55,11 +55,30 @@ class ArraySpec:
     # (docs/benchmarks.md, item 2): bitshuffle for the logits' key differences, the top-k ids, lse and int8
     # activations (whose byte shuffle is a no-op); byte shuffle for the sampled ids and counts.
     shuffle: str = "shuffle"
-    sorted_rows: bool = False  # rows sorted descending: store them through kdcache.sorted_key_delta
+    # The kdcache array -> array codec it is stored through (cache.codecs): SORTED_KEY_DELTA for rows sorted
+    # descending, VOCAB_RANK for uint16 token ids (in the order of the split's `vocab_order` attribute).
+    transform: str | None = None
 
 
 def ids_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "int32"
+
+
+def vocab_order(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Token ids by descending count in `tokens`, ties by id: the order kdcache.vocab_rank ranks a split's ids in."""
+    counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size)
+    return np.argsort(-counts, kind="stable")
+
+
+def array_transform(spec: ArraySpec, order_base64: str | None) -> list[ArrayTransform]:
+    """The array -> array codec list (zarr's `filters`) of an array with this spec."""
+    if spec.transform == SORTED_KEY_DELTA:
+        return [SortedKeyDeltaCodec()]
+    if spec.transform == VOCAB_RANK:
+        if order_base64 is None:
+            raise ValueError(f"{VOCAB_RANK} needs a vocabulary order")
+        return [VocabRankCodec.from_base64(order_base64)]
+    return []
 
 
 def compressors(codec: CodecConfig, spec: ArraySpec) -> list[BloscCodec | Crc32cCodec]:
@@ -135,8 +154,10 @@ def create_sharded_array(
     per_shard: int,
     codec: CodecConfig,
     attrs: dict[str, Any] | None = None,
+    order_base64: str | None = None,
 ) -> zarr.Array:
-    """A [N, L, ...] array sharded along sequences: one shard = `per_shard` sequences, one inner chunk = one sequence."""
+    """A [N, L, ...] array sharded along sequences: one shard = `per_shard` sequences, one inner chunk = one sequence.
+    `order_base64`: the vocabulary order of a VOCAB_RANK array."""
     shape = (num_sequences, seq_len, *spec.trailing)
     return group.create_array(
         name,
@@ -144,7 +165,7 @@ def create_sharded_array(
         dtype=spec.dtype,
         shards=(min(per_shard, max(num_sequences, 1)), seq_len, *spec.trailing),
         chunks=(1, seq_len, *spec.trailing),
-        filters=[SortedKeyDeltaCodec()] if spec.sorted_rows else [],
+        filters=array_transform(spec, order_base64),
         compressors=compressors(codec, spec),
         fill_value=0,
         # An all-zero inner chunk must still be written: the direct reader maps every chunk.
@@ -156,10 +177,13 @@ def create_sharded_array(
 
 def write_tokens(root: zarr.Group, split: str, tokens: np.ndarray, per_shard: int, codec: CodecConfig, vocab_size: int) -> None:
     tokens = tokens.astype(ids_dtype(vocab_size))
+    attrs = {"digest": token_digest(tokens), "per_shard": per_shard}
+    if tokens.dtype == np.uint16:  # what the teachers' VOCAB_RANK arrays take as their order
+        attrs["vocab_order"] = VocabRankCodec.from_order(vocab_order(tokens, vocab_size)).order_base64
     group = root.require_group(TOKENS)
     arr = create_sharded_array(
         group, split, tokens.shape[0], tokens.shape[1], ArraySpec((), tokens.dtype.name, compress=False), per_shard, codec,
-        attrs={"digest": token_digest(tokens), "per_shard": per_shard},
+        attrs=attrs,
     )
     arr[...] = tokens
 
@@ -185,8 +209,10 @@ def teacher_array_specs(
     """Every array of one teacher split, from the cache settings."""
     ids = ids_dtype(vocab_size)
     specs = {
-        "topk_logits": ArraySpec((k,), "float16", shuffle="bitshuffle", sorted_rows=True),
-        "topk_ids": ArraySpec((k,), ids, shuffle="bitshuffle"),
+        "topk_logits": ArraySpec((k,), "float16", shuffle="bitshuffle", transform=SORTED_KEY_DELTA),
+        # Ranks in the split's frequency order: 84 -> 72 B per top-64 row (docs/benchmarks.md, item 2). The
+        # sampled ids are not ranked: their byte-shuffled ids gained nothing from it.
+        "topk_ids": ArraySpec((k,), ids, shuffle="bitshuffle", transform=VOCAB_RANK if ids == "uint16" else None),
         "lse": ArraySpec((n_temperatures,), "float32", shuffle="bitshuffle"),
     }
     if samples:
@@ -213,12 +239,15 @@ def create_teacher_split(
     """Create `teachers/<teacher>/<split>` with empty arrays and an all-zero completion record."""
     tokens = root[f"{TOKENS}/{split}"]
     n, seq_len = tokens.shape
+    order = tokens.attrs.get("vocab_order")
+    if order is None and any(spec.transform == VOCAB_RANK for spec in specs.values()):
+        raise StoreError(f"{root.store}: {TOKENS}/{split} has no vocab_order attribute (rerun `kdcache data`)")
     tgroup = root.require_group(TEACHERS).require_group(teacher)
     tgroup.attrs.update(teacher_attrs)
     group = tgroup.require_group(split)
     group.attrs.update({"num_sequences": n, "per_shard": per_shard, "token_digest": tokens.attrs["digest"]})
     for name, spec in specs.items():
-        create_sharded_array(group, name, n, seq_len, spec, per_shard, codec)
+        create_sharded_array(group, name, n, seq_len, spec, per_shard, codec, order_base64=order)
     group.create_array(COMPLETE, shape=(num_shards(n, per_shard),), chunks=(1,), dtype="uint8",
                        fill_value=0, compressors=[], overwrite=True)
     return group

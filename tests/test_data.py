@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from cache import schema
+from cache.codecs import VocabRankCodec
 from cache.config import Config, CorpusConfig, DataConfig, TokenizerConfig, load_config
 from precompute.data import data, encode_stream, pack, prepare_data
 from precompute.tokenizer import load_tokenizer
@@ -74,6 +75,11 @@ def test_store_attrs_and_tokens(run):
         assert (meta["lines"], meta["tokens"]) == (len(lines), len(stream))
         assert meta["dropped_tokens"] == len(stream) % 16 and tokens.size + meta["dropped_tokens"] == len(stream)
         assert np.array_equal(tokens.reshape(-1), stream[: tokens.size])
+        # the order the teachers' topk_ids are ranked in: descending count in this split, ties by id
+        order = VocabRankCodec.from_base64(meta["vocab_order"]).order
+        counts = np.bincount(tokens.reshape(-1), minlength=300)
+        keys = list(zip(-counts[np.frombuffer(order, "<u2")], np.frombuffer(order, "<u2")))
+        assert len(keys) == 300 and keys == sorted(keys)
     assert (paths.tokenizer / "vocab.json").is_file() and (paths.tokenizer / "merges.txt").is_file()
     assert not [p for p in paths.root.iterdir() if ".tmp-" in p.name]
 

@@ -16,6 +16,7 @@ from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec
 from cache.config import CodecConfig
 from cache.encoder import TASK_CHUNKS, ShardedArrayWriter, encode_shard
 from cache.reader import EMPTY, ShardedArrayReader, parse_layout
+from cache.codecs import SORTED_KEY_DELTA, VOCAB_RANK, VocabRankCodec
 from cache.schema import ArraySpec, create_sharded_array, create_store, num_shards, shard_range
 
 N, SEQ_LEN, PER_SHARD = 10, 6, 4  # 3 shards, the last one holding 2 sequences
@@ -23,6 +24,9 @@ CODECS = {"default": CodecConfig(), "zstd-bitshuffle": CodecConfig(cname="zstd",
           "lz4-shuffle": CodecConfig(cname="lz4", clevel=5, shuffle="shuffle"),
           "none": CodecConfig(cname="none")}
 DTYPES = ["float16", "uint16", "int32", "float32", "int8", "uint8"]
+# Compressed float16 and uint16 rows go through the transform topk_logits and topk_ids have.
+TRANSFORMS = {"float16": SORTED_KEY_DELTA, "uint16": VOCAB_RANK}
+ORDER = VocabRankCodec.from_order(np.random.default_rng(9).permutation(300)).order_base64  # ids 0..299 reordered
 
 
 def sample(shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -> np.ndarray:
@@ -47,8 +51,8 @@ def twin_arrays(tmp_path: Path, spec: ArraySpec, codec: CodecConfig, n: int = N,
                 ) -> tuple[zarr.Array, Path]:
     """The same empty array in two stores: one for zarr-python to write (returned as created: write_empty_chunks
     is a setting of the open array, not of zarr.json), one for the encoder (its store path)."""
-    arrays = [create_sharded_array(create_store(str(tmp_path / name), {}), "a", n, SEQ_LEN, spec, per_shard, codec)
-              for name in ("zarr.zarr", "encoder.zarr")]
+    arrays = [create_sharded_array(create_store(str(tmp_path / name), {}), "a", n, SEQ_LEN, spec, per_shard, codec,
+                                   order_base64=ORDER) for name in ("zarr.zarr", "encoder.zarr")]
     return arrays[0], tmp_path / "encoder.zarr"
 
 
@@ -57,8 +61,7 @@ def twin_arrays(tmp_path: Path, spec: ArraySpec, codec: CodecConfig, n: int = N,
 def test_shard_files_are_zarrs_bytes(tmp_path, codec, dtype):
     rng = np.random.default_rng(0)
     for trailing, compress in [((64,), True), ((), False)]:  # like topk_*, and like tokens / lse (crc32c only)
-        # float16 rows of 64 as topk_logits are stored: through kdcache.sorted_key_delta
-        spec = ArraySpec(trailing, dtype, compress, sorted_rows=dtype == "float16" and compress)
+        spec = ArraySpec(trailing, dtype, compress, transform=TRANSFORMS.get(dtype) if compress else None)
         values = sample((N, SEQ_LEN, *trailing), dtype, rng)
         expected, store = twin_arrays(tmp_path / f"{compress}", spec, CODECS[codec])
         expected[...] = values

@@ -193,8 +193,8 @@ def test_inspect_json_summary(built):
     assert logits["bytes_on_disk"] == on_disk and logits["compression_ratio"] == pytest.approx(logits["raw_bytes"] / on_disk)
     assert "train/hidden_1" in alpha["arrays"] and "train/sample_counts" in alpha["arrays"]
     assert logits["codecs"] == "kdcache.sorted_key_delta, blosc lz4hc5 bitshuffle, crc32c"
-    assert alpha["arrays"]["train/topk_ids"]["codecs"] == alpha["arrays"]["train/lse"]["codecs"] == \
-        "blosc lz4hc5 bitshuffle, crc32c"
+    assert alpha["arrays"]["train/topk_ids"]["codecs"] == "kdcache.vocab_rank, blosc lz4hc5 bitshuffle, crc32c"
+    assert alpha["arrays"]["train/lse"]["codecs"] == "blosc lz4hc5 bitshuffle, crc32c"
     assert alpha["arrays"]["train/sample_ids"]["codecs"] == "blosc lz4hc5 shuffle, crc32c"
     assert alpha["arrays"]["train/hidden_1"]["codecs"] == "crc32c"
 
