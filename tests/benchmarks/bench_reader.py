@@ -36,12 +36,13 @@ from student.distill import DistillDataset, KDPlan
 TARGET = 1.45e6  # tokens/s per worker
 BATCH = 32
 ARRAYS = ["topk_logits", "topk_ids", "lse"]
-DEFAULT = "lz4hc5, shuffle per array, sorted_key_delta (default)"
-# name -> (codec, laid out as format 1: topk_logits as plain float16, lse without Blosc)
-RECODED = {"zstd1 bitshuffle, float16 logits, raw lse (format 1's default)":
-           (CodecConfig("zstd", 1, "bitshuffle"), True),
-           "zstd1 byte shuffle, sorted_key_delta (smallest)": (CodecConfig("zstd", 1, "shuffle"), False),
-           "no Blosc": (CodecConfig(cname="none"), False)}
+DEFAULT = "lz4hc5, shuffle per array, sorted_key_delta, vocab_rank (default)"
+# name -> (codec, store format whose layout the teacher arrays take: 1 = float16 logits, ids as they are, raw lse;
+# 2 = ids as they are; 3 = as now)
+RECODED = {"zstd1 bitshuffle, float16 logits, raw lse (format 1's default)": (CodecConfig("zstd", 1, "bitshuffle"), 1),
+           "lz4hc5, shuffle per array, sorted_key_delta, ids as they are (format 2's default)": (CodecConfig(), 2),
+           "zstd1 byte shuffle, sorted_key_delta, vocab_rank (smallest)": (CodecConfig("zstd", 1, "shuffle"), 3),
+           "no Blosc": (CodecConfig(cname="none"), 3)}
 SECONDS = 1.5  # per reader: enough batches to time, few enough to stay quick
 
 
@@ -69,9 +70,9 @@ def npy_copies(store: str, keys: dict[str, str], workdir: Path) -> dict[str, np.
     return maps
 
 
-def recode(store: str, teachers: list[str], dst: Path, codec: CodecConfig, as_format1: bool) -> str:
-    """The same tokens and tail-loss arrays in a new store whose teacher arrays use `codec` (laid out as store
-    format 1 did if `as_format1`)."""
+def recode(store: str, teachers: list[str], dst: Path, codec: CodecConfig, layout: int) -> str:
+    """The same tokens and tail-loss arrays in a new store whose teacher arrays use `codec`, laid out as store
+    format `layout` did."""
     src = open_store(store)
     n = src[f"{TOKENS}/{SPLIT}"].shape[0]
     per_shard = src[f"{TOKENS}/{SPLIT}"].attrs["per_shard"]
@@ -79,8 +80,10 @@ def recode(store: str, teachers: list[str], dst: Path, codec: CodecConfig, as_fo
     for teacher in teachers:
         attrs = src[f"{TEACHERS}/{teacher}"].attrs.asdict()
         specs = teacher_array_specs(attrs["k"], src.attrs["vocab_size"], len(attrs["temperatures"]), 0, {}, "float16")
-        if as_format1:
-            specs["topk_logits"] = dataclasses.replace(specs["topk_logits"], sorted_rows=False)
+        if layout <= 2:
+            specs["topk_ids"] = dataclasses.replace(specs["topk_ids"], transform=None)
+        if layout == 1:
+            specs["topk_logits"] = dataclasses.replace(specs["topk_logits"], transform=None)
             specs["lse"] = dataclasses.replace(specs["lse"], compress=False)
         group = create_teacher_split(root, teacher, SPLIT, specs, attrs, per_shard, codec)
         for name in specs:
@@ -117,8 +120,8 @@ def run(store: str, teachers: list[str], workdir: Path, data: str) -> Section:
     primary = rows[1][2]
     rows.append(["zarr-python oindex", DEFAULT,
                  throughput(lambda idx: {k: r.read_sequences(idx) for k, r in zarr_readers.items()}, n, seq_len), None])
-    for i, (codec_name, (codec, as_format1)) in enumerate(RECODED.items()):
-        recoded = recode(store, teachers, workdir / f"recoded-{i}.zarr", codec, as_format1)
+    for i, (codec_name, (codec, layout)) in enumerate(RECODED.items()):
+        recoded = recode(store, teachers, workdir / f"recoded-{i}.zarr", codec, layout)
         for name, read in readers(recoded, teachers).items():
             rows.append([name, codec_name, throughput(read, n, seq_len), None])
     for row in rows:

@@ -3,7 +3,7 @@
 Each array of a precomputed store is re-encoded shard by shard with `cache.encoder.encode_shard` under every
 codec tried, so a figure is exactly the shard files the store would hold with that codec (index and chunk
 checksums included; the default codec's figure is checked against the files on disk). Lossless transforms of
-`topk_logits` are encoded the same way and inverted to prove they are lossless.
+`topk_logits` and `topk_ids` are encoded the same way and inverted to prove they are lossless.
 
 Real teacher data: a small Llama trained here for 200 steps on BabyLM text (switchboard and the 2023 test
 files) with a 16000-token BPE vocabulary, the seed's; and, when `make` built them here, the trained teachers of
@@ -27,7 +27,7 @@ from benchlib import (
     PROFILES, REPO, SPLIT, Profile, Section, Table, Target, bench_config, run_section, save_random_teacher,
     subset_store,
 )
-from cache.codecs import decode_sorted_key_delta, encode_sorted_key_delta
+from cache.codecs import ArrayTransform, decode_sorted_key_delta, encode_sorted_key_delta
 from cache.config import ModelConfig, TrainConfig, load_config
 from cache.encoder import encode_shard
 from cache.reader import parse_layout
@@ -88,26 +88,39 @@ def undo_float_from_max(out: np.ndarray) -> np.ndarray:
     return values
 
 
-TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
-    "float16 as is (format 1)": (lambda v: v, lambda v: v),
-    "kdcache.sorted_key_delta (format 2): max key + key(v[i-1]) - key(v[i])":
+Transforms = dict[str, tuple[Callable, Callable]]  # name -> (encode, decode)
+AS_IS = (lambda v: v, lambda v: v)
+LOGIT_TRANSFORMS: Transforms = {
+    "float16 as is (format 1)": AS_IS,
+    "kdcache.sorted_key_delta (formats 2-3): max key + key(v[i-1]) - key(v[i])":
         (encode_sorted_key_delta, lambda e: decode_sorted_key_delta(e.copy())),
     "max key + key(max) - key(v[i])": (keys_from_max, undo_keys_from_max),
     "row max + float16(max - v[i])": (float_from_max, undo_float_from_max),
 }
 
 
+def id_transforms(ranked: ArrayTransform) -> Transforms:
+    """The ids as they are, and as the store's kdcache.vocab_rank codec ranks them."""
+    return {"ids as they are (formats 1-2)": AS_IS,
+            "kdcache.vocab_rank (format 3): rank by count in the split's tokens":
+                (ranked.encode_array, lambda e: ranked.decode_array(e.copy()))}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Measuring a store.
 
 
-def encoded_nbytes(array_dir: Path, values: np.ndarray, blosc: dict | None, transform: bool | None = None) -> int:
+AS_STORED = "as stored"
+
+
+def encoded_nbytes(array_dir: Path, values: np.ndarray, blosc: dict | None,
+                   transform: ArrayTransform | None | str = AS_STORED) -> int:
     """Total bytes of the shard files of `values` under the array's layout with `blosc` (None: no Blosc, {}: the
-    array's own) and with kdcache.sorted_key_delta or not (None: as the array has it)."""
+    array's own) and `transform` (None: none, AS_STORED: the array's own kdcache codec, if any)."""
     stored = parse_layout(array_dir)
-    delta = stored.sorted_key_delta if transform is None else transform
-    layout = dataclasses.replace(stored, blosc=stored.blosc if blosc == {} else blosc, sorted_key_delta=delta,
-                                 dtype=np.dtype(np.uint16 if delta else values.dtype).newbyteorder("<"))
+    transform = stored.transform if transform is AS_STORED else transform
+    layout = dataclasses.replace(stored, blosc=stored.blosc if blosc == {} else blosc, transform=transform,
+                                 dtype=np.dtype(np.uint16 if transform else values.dtype).newbyteorder("<"))
     n, per_shard = layout.shape[0], layout.per_shard
     shards = [shard_range(s, n, per_shard) for s in range(num_shards(n, per_shard))]
     return sum(len(encode_shard(layout, values[rows.start:rows.stop])) for rows in shards)
@@ -130,8 +143,9 @@ def measure(store: str, teachers: dict[str, str], judged: list[str]) -> Section:
         directory = Path(store) / group.path
         n, seq_len, k = group["topk_logits"].shape
         positions = n * seq_len
-        best: dict[str, tuple[int, str]] = {}  # array -> (fewest bytes, how): any codec, for the logits any transform
+        best: dict[str, tuple[int, str]] = {}  # array -> (fewest bytes, how): any codec, for logits and ids any transform
         format1 = 0  # top-k as format 1 stored it: float16 logits and ids under zstd1 bitshuffle, lse raw
+        format2 = 0  # as format 2 did: the ids as they are, the rest as now
         for array in [a for a in (*TOPK, *SAMPLED) if a in group]:
             values = group[array][...]
             sizes = {codec: encoded_nbytes(directory / array, values, blosc) for codec, blosc in CODECS.items()}
@@ -141,44 +155,51 @@ def measure(store: str, teachers: dict[str, str], judged: list[str]) -> Section:
             per_array.append([description, array, f"{values.nbytes / positions:.1f}", f"{on_disk / positions:.1f}",
                               *[cell(size, values.nbytes, positions) for size in sizes.values()]])
             best[array] = min((size, codec) for codec, size in sizes.items())
-            if array == "topk_logits":
-                best[array] = logit_transforms(description, directory / array, values, positions, transforms)
-                format1 += encoded_nbytes(directory / array, values, CODECS[FORMAT1], transform=False)
-            elif array in TOPK:
-                format1 += sizes[FORMAT1 if array == "topk_ids" else "none"]
+            stored = parse_layout(directory / array).transform
+            if array == "topk_logits" or (array == "topk_ids" and stored):
+                options = LOGIT_TRANSFORMS if array == "topk_logits" else id_transforms(stored)
+                best[array] = transform_rows(description, array, directory / array, values, positions, options,
+                                             transforms)
+            if array in TOPK:
+                format1 += encoded_nbytes(directory / array, values, CODECS["none" if array == "lse" else FORMAT1],
+                                          transform=None)
+                format2 += (encoded_nbytes(directory / array, values, {}, transform=None) if array == "topk_ids"
+                            else sizes[DEFAULT])
         topk_default = sum(disk_nbytes(directory / a) for a in TOPK) / positions
         topk_best = sum(best[a][0] for a in TOPK) / positions
         how = "; ".join(f"{a.removeprefix('topk_')}: {best[a][1]}" for a in TOPK)
         sampled = sum(disk_nbytes(directory / a) for a in SAMPLED if a in group) / positions
-        totals.append([description, root.attrs["vocab_size"], positions, format1 / positions, topk_default,
-                       topk_best, how, sampled if "sample_ids" in group else "-"])
+        totals.append([description, root.attrs["vocab_size"], positions, format1 / positions, format2 / positions,
+                       topk_default, topk_best, how, sampled if "sample_ids" in group else "-"])
         if name in judged:
             targets.append(Target(f"top-{k} B/position, default codec, {description}", topk_default, TARGET,
                                   at_least=False))
     codec_names = list(CODECS)
     return Section("2. Store size per position", [
         Table(["teacher", "vocab", "positions", "top-k B/position: format 1 (zstd1 bitshuffle, float16 logits)",
-               "format 2 default, on disk", "best lossless", "best: how",
+               "format 2 (lz4hc, sorted_key_delta)", "format 3 default (+ vocab_rank ids), on disk",
+               "best lossless", "best: how",
                "sampled ids + counts B/position, default codec"], totals,
               "Totals (top-k = topk_logits + topk_ids + lse)"),
         Table(["teacher", "array", "raw B/position", "on disk", *codec_names], per_array,
               "Bytes per position (compression ratio) per array and codec, shard index and chunk crc32c included; "
-              "topk_logits through kdcache.sorted_key_delta"),
-        Table(["teacher", "topk_logits stored as", "lossless on this data", *codec_names], transforms,
-              "Transforms of topk_logits, bytes per position (the codec columns' shuffle applies to the "
-              "transform's output)"),
+              "topk_logits and topk_ids through their kdcache codecs (format 3)"),
+        Table(["teacher", "array", "stored as", "lossless on this data", *codec_names], transforms,
+              "Transforms of topk_logits and topk_ids, bytes per position (the codec columns' shuffle applies to "
+              "the transform's output)"),
     ], targets, notes)
 
 
-def logit_transforms(description: str, array_dir: Path, values: np.ndarray, positions: int,
-                     rows: list[list]) -> tuple[int, str]:
-    """Append a row per transform of the logits; returns (fewest bytes, how) over lossless transforms and codecs."""
+def transform_rows(description: str, array: str, array_dir: Path, values: np.ndarray, positions: int,
+                   options: Transforms, rows: list[list]) -> tuple[int, str]:
+    """Append a row per transform of the array; returns (fewest bytes, how) over lossless transforms and codecs."""
     candidates = []
-    for transform, (encode, decode) in TRANSFORMS.items():
+    for transform, (encode, decode) in options.items():
         coded = encode(values)
         differ = int(np.count_nonzero(decode(coded).view(np.uint16) != values.view(np.uint16)))
-        sizes = {codec: encoded_nbytes(array_dir, coded, blosc, transform=False) for codec, blosc in CODECS.items()}
-        rows.append([description, transform, f"no: {differ:,} of {values.size:,} values change" if differ else "yes",
+        sizes = {codec: encoded_nbytes(array_dir, coded, blosc, transform=None) for codec, blosc in CODECS.items()}
+        rows.append([description, array, transform,
+                     f"no: {differ:,} of {values.size:,} values change" if differ else "yes",
                      *[f"{size / positions:.1f}" for size in sizes.values()]])
         if not differ:
             candidates += [(size, f"{transform}, {codec}") for codec, size in sizes.items()]
@@ -190,11 +211,12 @@ def logit_transforms(description: str, array_dir: Path, values: np.ndarray, posi
 
 
 def trained_run(name: str) -> tuple[str, dict[str, str]] | None:
-    """runs/<name>'s store and trained teachers {name: model dir}, if `make` built them here (in this format)."""
+    """runs/<name>'s store and trained teachers {name: model dir}, if `make` built them here (only the store's tokens
+    are read: it may be of an older format)."""
     run = REPO / "runs" / name
     models = {p.parent.name: str(p) for p in sorted((run / "teachers").glob("*/model")) if (p / "config.json").is_file()}
     try:
-        open_store(str(run / "cache.zarr"))
+        open_store(str(run / "cache.zarr"), any_version=True)
     except StoreError:
         return None
     return (str(run / "cache.zarr"), models) if models else None
@@ -210,7 +232,7 @@ def describe_trained(run: str, model_dir: str, vocab: int) -> str:
 
 def trained_run_section(run: str, source: str, models: dict[str, str], profile: Profile, workdir: Path) -> Section:
     """Top-k and sampled targets of a run's trained teachers on 512 of its sequences, measured (and judged)."""
-    seq_len = open_store(source).attrs["seq_len"]
+    seq_len = open_store(source, any_version=True).attrs["seq_len"]
     store = subset_store(source, workdir / f"{run}.zarr", 512, 128)
     vocab = open_store(store).attrs["vocab_size"]
     cfg = bench_config(vocab, seq_len, 128, models, k=profile.k, temperatures=[1.0, 2.0], samples=profile.samples,
@@ -253,7 +275,7 @@ def real_stores(profile: Profile, workdir: Path, random_teachers: dict[str, Path
     main = measure(store, described, ["real"])
     for run in TRAINED_RUNS:
         if (found := trained_run(run)) is None:
-            main.notes.append(f"No trained teachers and store of this format under runs/{run} (`make cache "
+            main.notes.append(f"No trained teachers and token store under runs/{run} (`make cache "
                               f"CONFIG=configs/{run}.yaml` adds them).")
             continue
         merge(main, trained_run_section(run, *found, profile, workdir))

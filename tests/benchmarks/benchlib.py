@@ -22,8 +22,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from cache.codecs import VocabRankCodec
 from cache.config import CacheConfig, CodecConfig, Config, DataConfig, ModelConfig, TeacherConfig, TokenizerConfig
-from cache.schema import create_store, open_store, read_tokens, write_tokens
+from cache.schema import TOKENS, create_store, open_store, vocab_order, write_tokens
 from precompute.targets import synchronize
 from student.model import build_model
 
@@ -304,11 +305,18 @@ def synthetic_store(path: Path, vocab: int, seq_len: int, n: int, per_shard: int
 
 
 def subset_store(source: str, path: Path, n: int, per_shard: int) -> str:
-    """A store with the first `n` train sequences of `source` and its identity (tokenizer, vocabulary)."""
-    src = open_store(source)
+    """A store with the first `n` train sequences of `source` and its identity (tokenizer, vocabulary); `source`
+    may be of an older store format (its tokens are read alone). Teacher ids will be ranked in the order of the
+    whole source split, as in the run's own store: a few hundred sequences leave most of a vocabulary uncounted."""
+    src = open_store(source, any_version=True)
     attrs = {key: src.attrs[key] for key in ("seq_len", "vocab_size", "tokenizer_sha256", "special_ids")}
     root = create_store(str(path), attrs)
-    write_tokens(root, SPLIT, read_tokens(src, SPLIT)[:n], per_shard, CodecConfig(), attrs["vocab_size"])
+    tokens = src[f"{TOKENS}/{SPLIT}"]
+    write_tokens(root, SPLIT, tokens[:n], per_shard, CodecConfig(), attrs["vocab_size"])
+    if tokens.dtype == np.uint16:
+        order = tokens.attrs.get("vocab_order") or VocabRankCodec.from_order(
+            vocab_order(tokens[...], attrs["vocab_size"])).order_base64
+        root[f"{TOKENS}/{SPLIT}"].attrs["vocab_order"] = order
     return str(path)
 
 
