@@ -24,8 +24,8 @@ from typing import Any, NamedTuple, Sequence
 
 import google_crc32c
 import numpy as np
-from numcodecs.blosc import decompress as blosc_decompress
 import zarr
+from numcodecs.blosc import decompress as blosc_decompress
 
 from cache.codecs import ARRAY_TRANSFORMS, ArrayTransform
 from cache.schema import COMPLETE, TEACHERS, TOKENS, StoreError, check_store, open_store

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from benchlib import PROFILES, SPECIAL_IDS, Profile, Section, Table, Target, run_section, time_calls
+from benchlib import PROFILES, SPECIAL_IDS, Profile, Section, Table, Target, run_section, time_interleaved
 from cache.config import TrainConfig
 from precompute.targets import sample_counts, topk_targets
 from student.distill import HiddenPair, KDPlan, make_kd_loss, make_online_loss
@@ -34,6 +34,7 @@ from student.train import Dist, LossModule, MetricSums, accumulate_gradients, lm
 TEMPERATURE = 2.0
 HARD_WEIGHT = 0.5
 FORMS = ("tail", "renorm", "sampled")
+LossMaker = Callable[[], tuple[Callable, torch.nn.Module | None]]  # -> (loss_fn, extra trainable modules)
 
 
 def teacher_batch(profile: Profile, device: torch.device, seed: int = 0) -> dict[str, Tensor]:
@@ -68,12 +69,9 @@ def kd_plan(profile: Profile, form: str, hidden: bool) -> KDPlan:
                   0.1 if hidden else 0.0, "mse")
 
 
-def measure_step(profile: Profile, device: torch.device, batch: dict[str, Tensor],
-                 make_loss: Callable[[], tuple[Callable, torch.nn.Module | None]]) -> tuple[float, float | None]:
-    """Median seconds of a full training step, and peak GiB on CUDA. A fresh student (same init) per call."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def training_step(profile: Profile, device: torch.device, batch: dict[str, Tensor], make_loss: LossMaker
+                  ) -> Callable[[], None]:
+    """One full training step on `batch` of a fresh student (same init every call) with its loss and optimizer."""
     torch.manual_seed(0)
     model = build_model(profile.student, profile.vocab, SPECIAL_IDS).to(device)
     loss_fn, extra = make_loss()
@@ -92,11 +90,23 @@ def measure_step(profile: Profile, device: torch.device, batch: dict[str, Tensor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = median(time_calls(step, profile.warmup, profile.steps, device.type))
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return seconds, peak
+    return step
+
+
+def peak_memory(profile: Profile, device: torch.device, batch: dict[str, Tensor], make_loss: LossMaker
+                ) -> float | None:
+    """Peak GiB over building and running a variant alone (warm-up steps and one more) on CUDA; None on a CPU."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step = training_step(profile, device, batch, make_loss)
+    for _ in range(profile.warmup + 1):
+        step()
+    torch.cuda.synchronize()
+    del step
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def online_teachers(profile: Profile, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -106,9 +116,6 @@ def online_teachers(profile: Profile, device: torch.device) -> dict[str, torch.n
         torch.manual_seed(100 + i)
         teachers[name] = build_model(shape, profile.vocab, SPECIAL_IDS).to(device).eval().requires_grad_(False)
     return teachers
-
-
-LossMaker = Callable[[], tuple[Callable, torch.nn.Module | None]]  # -> (loss_fn, extra trainable modules)
 
 
 def variants(profile: Profile, device: torch.device) -> list[tuple[str, dict[str, Tensor], LossMaker]]:
@@ -136,17 +143,15 @@ def variants(profile: Profile, device: torch.device) -> list[tuple[str, dict[str
 
 
 def run(profile: Profile) -> Section:
-    """Every variant, in `profile.passes` passes of alternating order (a drifting machine then biases none of
-    them); per variant the fastest pass's median and the largest peak."""
+    """Every variant's peak memory alone (CUDA), then their step times interleaved: one step of each variant in
+    turn, so a drifting machine slows all of them alike and the ratios compare steps taken side by side."""
     device = torch.device(profile.device)
     steps = variants(profile, device)
-    measured: dict[str, list[tuple[float, float | None]]] = {name: [] for name, _, _ in steps}
-    for i in range(profile.passes):
-        for name, batch, make in steps if i % 2 == 0 else reversed(steps):
-            measured[name].append(measure_step(profile, device, batch, make))
-    results = {name: (min(s for s, _ in runs), None if runs[0][1] is None else max(m for _, m in runs))
-               for name, runs in measured.items()}
-    return section(profile, results)
+    peaks = {name: peak_memory(profile, device, batch, make) for name, batch, make in steps}
+    gc.collect()
+    times = time_interleaved({name: training_step(profile, device, batch, make) for name, batch, make in steps},
+                             profile.warmup, profile.steps, device.type)
+    return section(profile, {name: (median(times[name]), peaks[name]) for name, _, _ in steps})
 
 
 def section(profile: Profile, results: dict[str, tuple[float, float | None]]) -> Section:
@@ -160,7 +165,7 @@ def section(profile: Profile, results: dict[str, tuple[float, float | None]]) ->
                   f"{profile.device}, student {profile.student.arch} {profile.student.hidden_size}x"
                   f"{profile.student.num_layers}, teachers {', '.join(profile.teachers)}, vocab {profile.vocab}, "
                   f"batch {profile.batch} x {profile.seq_len}, k={profile.k}, {profile.samples} samples, "
-                  f"median of {profile.steps} steps after {profile.warmup}, fastest of {profile.passes} passes")
+                  f"median of {profile.steps} steps after {profile.warmup}, the variants' steps interleaved")
     targets = []
     for name, (s, mem) in results.items():
         if name.startswith("offline"):

@@ -55,7 +55,6 @@ class Profile:
     warmup: int  # untimed student steps
     steps: int  # timed student steps
     repeats: int  # precompute / forward-only alternations
-    passes: int  # passes over the student-step variants, in alternating order
     k: int = 64
     samples: int = 64
 
@@ -80,12 +79,11 @@ def halved(shape: ModelConfig) -> ModelConfig:
 PROFILES = {
     # gpu.sh: the seed project's shapes on one CUDA GPU.
     "seed": Profile("seed", "cuda", 16000, 128, SEED_TEACHERS, 4, SEED_STUDENT, batch=128,
-                    precompute_sequences=2048, precompute_batch=128, per_shard=256, warmup=3, steps=10, repeats=2,
-                    passes=1),
+                    precompute_sequences=2048, precompute_batch=128, per_shard=256, warmup=3, steps=10, repeats=2),
     # make bench on a CPU: the seed shapes halved, the seed vocabulary and sequence length, a small batch.
     "cpu": Profile("cpu", "cpu", 16000, 128, {f"{n}-half": halved(s) for n, s in SEED_TEACHERS.items()}, 2,
                    halved(SEED_STUDENT), batch=4, precompute_sequences=32, precompute_batch=16, per_shard=8,
-                   warmup=2, steps=6, repeats=2, passes=2),
+                   warmup=2, steps=12, repeats=2),
     # gpu.py --quick: proves the GPU script end to end in seconds; its figures mean nothing.
     "quick": Profile("quick", "cpu", 2000, 32,
                      {"llama-q": ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
@@ -93,8 +91,8 @@ PROFILES = {
                       "gpt2-q": ModelConfig(arch="gpt2", hidden_size=32, intermediate_size=64, num_layers=2,
                                             num_heads=2, max_position=32)},
                      1, ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_position=32),
-                     batch=4, precompute_sequences=64, precompute_batch=16, per_shard=16, warmup=1, steps=2,
-                     repeats=1, passes=2),
+                     batch=4, precompute_sequences=64, precompute_batch=16, per_shard=16, warmup=1, steps=4,
+                     repeats=1),
 }
 
 
@@ -270,18 +268,26 @@ def _git_commit() -> str:
 # Timing.
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, reps: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each of `reps` calls of every fn after `warmup` untimed ones, the fns called in turn (in
+    alternating order from round to round) so that a machine whose speed drifts slows all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(reps):
+        for name, fn in list(fns.items())[::1 if rep % 2 == 0 else -1]:
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def time_calls(fn: Callable[[], Any], warmup: int, reps: int, device: str) -> list[float]:
     """Seconds of each of `reps` calls of fn after `warmup` untimed ones (the device synchronised around each)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return time_interleaved({"fn": fn}, warmup, reps, device)["fn"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
