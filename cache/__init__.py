@@ -8,3 +8,4 @@ whose copy the store keeps as provenance; `cache.cli` is the `kdcache` command.
 # 2: topk_logits stored through the kdcache.sorted_key_delta codec (docs/cache-format.md)
 # 3: topk_ids (uint16) stored through kdcache.vocab_rank; tokens/<split> carry vocab_order
 FORMAT_VERSION = 3
+UPGRADABLE_VERSION = 2  # `kdcache upgrade` (cache.upgrade) converts such a store in place

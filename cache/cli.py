@@ -22,6 +22,7 @@ COMMANDS = {
     "stats": "cache.inspect:stats",
     "verify": "cache.inspect:verify",
     "plot": "cache.inspect:plot",
+    "upgrade": "cache.upgrade:upgrade",
 }
 
 

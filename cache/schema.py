@@ -29,7 +29,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from cache import FORMAT_VERSION
+from cache import FORMAT_VERSION, UPGRADABLE_VERSION
 from cache.codecs import SORTED_KEY_DELTA, VOCAB_RANK, ArrayTransform, SortedKeyDeltaCodec, VocabRankCodec
 from cache.config import CodecConfig
 
@@ -37,6 +37,9 @@ TOKENS = "tokens"
 TEACHERS = "teachers"
 COMPLETE = "complete"
 SOFTWARE_VERSION = "0.1.0"
+# Teacher attributes outside its settings digest: where the weights live and which kdcache wrote them do not
+# change the targets.
+NOT_DIGESTED = ("source", "kdcache_version", "settings_digest")
 
 
 class StoreError(ValueError):
@@ -133,8 +136,9 @@ def open_store(path: str, mode: str = "r", any_version: bool = False) -> zarr.Gr
     if mode != "w" and version is None and mode == "r":
         raise StoreError(f"{path}: not a kdcache store (no format_version attribute)")
     if version is not None and version != FORMAT_VERSION and not any_version:
-        raise StoreError(f"{path}: store format version {version}, this kdcache reads version {FORMAT_VERSION} "
-                         f"(recreate the store: `kdcache data`, then `kdcache precompute`)")
+        how = ("`kdcache upgrade` converts it in place" if version == UPGRADABLE_VERSION else
+               "recreate the store: `kdcache data --overwrite`, then `kdcache precompute`")
+        raise StoreError(f"{path}: store format version {version}, this kdcache reads version {FORMAT_VERSION} ({how})")
     return root
 
 
@@ -264,6 +268,12 @@ def mark_shard_complete(split_group: zarr.Group, shard: int) -> None:
 
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def settings_digest(attrs: dict[str, Any]) -> str:
+    """A teacher group's `settings_digest`: the sha256 of its attributes but NOT_DIGESTED."""
+    digested = {key: value for key, value in attrs.items() if key not in NOT_DIGESTED}
+    return hashlib.sha256(canonical_json(digested).encode()).hexdigest()
 
 
 def check_store(

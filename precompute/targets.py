@@ -37,15 +37,13 @@ from transformers.utils import cached_file
 from cache import FORMAT_VERSION
 from cache.config import CacheConfig, Config, ConfigError, load_config, run_paths
 from cache.schema import (
-    COMPLETE, SOFTWARE_VERSION, TEACHERS, TOKENS, ArraySpec, StoreError, canonical_json, completed_shards,
-    create_teacher_split, num_shards, open_store, sha256_file, shard_range, splits as store_splits,
+    COMPLETE, NOT_DIGESTED, SOFTWARE_VERSION, TEACHERS, TOKENS, ArraySpec, StoreError, canonical_json, completed_shards,
+    create_teacher_split, num_shards, open_store, settings_digest, sha256_file, shard_range, splits as store_splits,
     teacher_array_specs,
 )
 from precompute.writer import ShardWriter
 
 ENSEMBLE = "ensemble"
-# Where the weights live and which kdcache wrote them do not change the targets.
-NOT_DIGESTED = ("source", "kdcache_version", "settings_digest")
 # Config keys that name the checkout or the load, not the model.
 VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -271,11 +269,6 @@ def load_teacher(cfg: Config, name: str, source: str, store: str, store_attrs: d
 
 # ---------------------------------------------------------------------------------------------------------------
 # Groups: attributes, digest, refusal of changed settings, creation.
-
-
-def settings_digest(attrs: dict[str, Any]) -> str:
-    digested = {key: value for key, value in attrs.items() if key not in NOT_DIGESTED}
-    return hashlib.sha256(canonical_json(digested).encode()).hexdigest()
 
 
 def _common_attrs(cfg: Config, specs: dict[str, ArraySpec], modes: list[str], store_attrs: dict[str, Any],
