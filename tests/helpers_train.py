@@ -26,8 +26,12 @@ TINY_GPT2 = ModelConfig(arch="gpt2", hidden_size=32, intermediate_size=64, num_l
 
 def blimp_lines(paradigms: int = 20, per_paradigm: int = 60) -> list[str]:
     """Good and bad sentences of the first lines of several BLiMP files: text with the benchmark's words."""
+    files = sorted(BLIMP.glob("*.jsonl"))[:paradigms]
+    if not files:  # else every test built on these lines fails on an empty tokenizer, far from the cause
+        raise FileNotFoundError(f"{BLIMP}: no BLiMP paradigms (*.jsonl); the shared data is read from ../shared/data "
+                                f"or $KDCACHE_SHARED_DATA")
     lines = []
-    for path in sorted(BLIMP.glob("*.jsonl"))[:paradigms]:
+    for path in files:
         for line in path.read_text().splitlines()[:per_paradigm]:
             item = json.loads(line)
             lines += [item["sentence_good"], item["sentence_bad"]]
