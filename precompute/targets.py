@@ -108,22 +108,30 @@ def _fused_logsumexps() -> Callable[[torch.Tensor, list[float]], torch.Tensor]:
     return torch.compile(logsumexps, dynamic=True)
 
 
-def logsumexps_by_rows(logits: torch.Tensor, temperatures: list[float], rows: int = 64) -> torch.Tensor:
-    """`logsumexps` for a CPU: `rows` positions at a time through torch.logsumexp, so that the passes over a row
-    stay in cache instead of streaming full-size temporaries (2.5x faster at [16, 128, 16000] on 2 cores)."""
-    flat = logits.reshape(-1, logits.shape[-1])
+def logsumexps_by_rows(logits: torch.Tensor, temperatures: list[float], argmax: torch.Tensor,
+                       rows: int = 16) -> torch.Tensor:
+    """`logsumexps` for a CPU, `rows` positions at a time (their passes stay in cache), each temperature through
+    torch.log_softmax, whose vectorised kernel is the fastest full pass torch has on a CPU: logsumexp(z) =
+    max(z) - log_softmax(z)[argmax], `argmax` [...] being each position's top-1 id. At [16, 128, 16000] on 2
+    cores: 9-10 us per position, against 47 for torch.logsumexp over 64 rows at a time; 3e-6 from float64."""
+    flat, at = logits.reshape(-1, logits.shape[-1]), argmax.reshape(-1, 1)
     out = torch.empty(flat.shape[0], len(temperatures), device=logits.device)
     for start in range(0, flat.shape[0], rows):
-        chunk = flat[start:start + rows].float()
+        chunk, chunk_at = flat[start:start + rows].float(), at[start:start + rows]
+        top = chunk.gather(-1, chunk_at)
         for j, t in enumerate(temperatures):
-            out[start:start + rows, j] = torch.logsumexp(chunk if t == 1 else chunk / t, dim=-1)
+            scaled = torch.log_softmax(chunk if t == 1 else chunk / t, dim=-1)
+            out[start:start + rows, j] = (top / t - scaled.gather(-1, chunk_at))[:, 0]
     return out.reshape(*logits.shape[:-1], len(temperatures))
 
 
 def topk_targets(logits: torch.Tensor, k: int, temperatures: list[float]) -> dict[str, torch.Tensor]:
     """Top-k logits (float16, descending), their ids, and logsumexp(logits / T) per T in float32."""
     values, ids = logits.topk(k, dim=-1)
-    lse = (_fused_logsumexps() if logits.is_cuda else logsumexps_by_rows)(logits, temperatures)
+    if logits.is_cuda:
+        lse = _fused_logsumexps()(logits, temperatures)
+    else:
+        lse = logsumexps_by_rows(logits, temperatures, ids[..., 0])
     return {"topk_logits": values.half(), "topk_ids": ids, "lse": lse}
 
 
