@@ -73,6 +73,11 @@ def vocab_order(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.argsort(-counts, kind="stable")
 
 
+def vocab_order_attr(tokens: np.ndarray, vocab_size: int) -> str:
+    """`vocab_order` as a token split's attribute (and the codec's configuration) holds it: base64."""
+    return VocabRankCodec.from_order(vocab_order(tokens, vocab_size)).order_base64
+
+
 def array_transform(spec: ArraySpec, order_base64: str | None) -> list[ArrayTransform]:
     """The array -> array codec list (zarr's `filters`) of an array with this spec."""
     if spec.transform == SORTED_KEY_DELTA:
@@ -183,7 +188,7 @@ def write_tokens(root: zarr.Group, split: str, tokens: np.ndarray, per_shard: in
     tokens = tokens.astype(ids_dtype(vocab_size))
     attrs = {"digest": token_digest(tokens), "per_shard": per_shard}
     if tokens.dtype == np.uint16:  # what the teachers' VOCAB_RANK arrays take as their order
-        attrs["vocab_order"] = VocabRankCodec.from_order(vocab_order(tokens, vocab_size)).order_base64
+        attrs["vocab_order"] = vocab_order_attr(tokens, vocab_size)
     group = root.require_group(TOKENS)
     arr = create_sharded_array(
         group, split, tokens.shape[0], tokens.shape[1], ArraySpec((), tokens.dtype.name, compress=False), per_shard, codec,

@@ -32,7 +32,7 @@ from cache.inspect import dir_bytes
 from cache.reader import ShardedArrayReader, layout_from_json, local_path
 from cache.schema import (
     TEACHERS, TOKENS, StoreError, completed_shards, ids_dtype, open_store, settings_digest, shard_range, splits,
-    teacher_names, vocab_order,
+    teacher_names, vocab_order_attr,
 )
 
 PENDING, REPLACED = ".upgrading", ".replaced"  # suffixes of an array being written, and of the one it replaces
@@ -84,7 +84,7 @@ def _split_vocab_order(root: zarr.Group, directory: Path, split: str) -> str:
     tokens = root[f"{TOKENS}/{split}"]
     if "vocab_order" not in tokens.attrs:
         ids = ShardedArrayReader(directory / tokens.path).read_sequences(np.arange(tokens.shape[0]))
-        tokens.attrs["vocab_order"] = VocabRankCodec.from_order(vocab_order(ids, root.attrs["vocab_size"])).order_base64
+        tokens.attrs["vocab_order"] = vocab_order_attr(ids, root.attrs["vocab_size"])
     return tokens.attrs["vocab_order"]
 
 

@@ -22,9 +22,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cache.codecs import VocabRankCodec
 from cache.config import CacheConfig, CodecConfig, Config, DataConfig, ModelConfig, TeacherConfig, TokenizerConfig
-from cache.schema import TOKENS, create_store, open_store, vocab_order, write_tokens
+from cache.schema import TOKENS, create_store, open_store, vocab_order_attr, write_tokens
 from precompute.targets import synchronize
 from student.model import build_model
 
@@ -320,9 +319,8 @@ def subset_store(source: str, path: Path, n: int, per_shard: int) -> str:
     tokens = src[f"{TOKENS}/{SPLIT}"]
     write_tokens(root, SPLIT, tokens[:n], per_shard, CodecConfig(), attrs["vocab_size"])
     if tokens.dtype == np.uint16:
-        order = tokens.attrs.get("vocab_order") or VocabRankCodec.from_order(
-            vocab_order(tokens[...], attrs["vocab_size"])).order_base64
-        root[f"{TOKENS}/{SPLIT}"].attrs["vocab_order"] = order
+        root[f"{TOKENS}/{SPLIT}"].attrs["vocab_order"] = (tokens.attrs.get("vocab_order")
+                                                         or vocab_order_attr(tokens[...], attrs["vocab_size"]))
     return str(path)
 
 
