@@ -10,7 +10,7 @@ KD := $(VENV)/bin/kdcache
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 # torchrun for several processes: `make distill LAUNCH="torchrun --nproc_per_node 4"`
 LAUNCH ?=
-RUNPY = $(if $(LAUNCH),$(LAUNCH) -m cache.cli,$(KD))
+RUNPY = $(if $(LAUNCH),$(LAUNCH) -m kdcache.cli,$(KD))
 
 .PHONY: setup data teachers cache distill eval test bench clean
 .DELETE_ON_ERROR:
@@ -50,7 +50,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) tests/benchmarks/run_all.py --out docs/benchmarks.md
+	$(PY) benchmarks/run_all.py --out docs/benchmarks.md
 
 clean:
 	rm -rf $(RUN)

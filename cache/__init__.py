@@ -1,11 +1,14 @@
-"""The kdcache store format: one Zarr v3 store holding token sequences and cached teacher targets.
+"""kdcache.cache: the store format and nothing else: schema, codecs, shard layout, encoder, reader, verify, inspect.
 
-`cache.schema` defines the layout (the spec is docs/cache-format.md); `cache.reader` reads shards
-through memory maps for training; `cache.verify` checks integrity; `cache.config` is the run config
-whose copy the store keeps as provenance; `cache.cli` is the `kdcache` command.
+`schema` defines the layout (spec: docs/cache-format.md); `encoder` writes whole shards and `reader` reads them
+through memory maps for training; `verify` checks integrity; `inspect`/`stats` summarise a store; `upgrade`
+converts an older format in place. Nothing here imports torch, a teacher or a student.
 """
+
+if __name__ != "kdcache.cache":  # the repository root on sys.path would load this folder a second time as `cache`
+    raise ImportError(f"import kdcache.cache, not {__name__}: the stage folders install under the kdcache package")
 
 # 2: topk_logits stored through the kdcache.sorted_key_delta codec (docs/cache-format.md)
 # 3: topk_ids (uint16) stored through kdcache.vocab_rank; tokens/<split> carry vocab_order
 FORMAT_VERSION = 3
-UPGRADABLE_VERSION = 2  # `kdcache upgrade` (cache.upgrade) converts such a store in place
+UPGRADABLE_VERSION = 2  # `kdcache upgrade` (kdcache.cache.upgrade) converts such a store in place

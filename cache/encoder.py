@@ -26,8 +26,9 @@ import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from cache.reader import CRC_BYTES, EMPTY, ShardLayout, layout_from_json, local_path, parse_layout
-from cache.schema import StoreError, num_shards, open_store, shard_range
+from kdcache.cache.reader import CRC_BYTES, EMPTY, ShardLayout, layout_from_json, local_path, parse_layout
+from kdcache.cache.schema import StoreError, num_shards, open_store, shard_range
+from kdcache.files import atomic_write
 
 SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 TASK_CHUNKS = 16  # inner chunks per pool task: enough work per task to hide its scheduling cost
@@ -80,14 +81,7 @@ def encode_shard(layout: ShardLayout, values: np.ndarray, pool: Executor | None 
 
 def write_file(path: Path, data: bytes) -> None:
     """Write to a temporary name beside `path`, then rename: a reader never sees half a shard."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 class ShardedArrayWriter:

@@ -18,25 +18,13 @@ import click
 import numpy as np
 import zarr
 
-from cache import stats as st
-from cache.reader import local_path
-from cache.schema import TEACHERS, TOKENS, StoreError, completed_shards, open_store, sha256_file, splits, teacher_names
+from kdcache.cache import stats as st
+from kdcache.cache.reader import local_path
+from kdcache.cache.schema import TEACHERS, TOKENS, StoreError, completed_shards, open_store, sha256_file, splits, teacher_names
 
 # ---------------------------------------------------------------------------------------------------------------
 # Store access and metadata
 
-
-def store_errors(command: Callable) -> Callable:
-    """Turn a StoreError into click's one-line `Error: ...` and exit status 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except StoreError as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
 
 
 def dir_bytes(path: str | Path) -> int:
@@ -286,145 +274,3 @@ def stats_text(s: dict) -> str:
     rows = [[f"{b[0]}-{b[-1]}"] + [num(bucket_mean(v, b)) for _, v in columns] for b in buckets]
     parts.append("by position (mean over sampled sequences):\n" + table(["positions"] + [c for c, _ in columns], rows))
     return "\n\n".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Commands
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
-
-
-def sample_options(command: Callable) -> Callable:
-    for option in reversed([
-        click.option("--sample", default=200, show_default=True, help="Sequences to read (seeded random sample)."),
-        click.option("--seed", default=0, show_default=True),
-        click.option("--split", default="train", show_default=True),
-        click.option("--teacher", "teachers", multiple=True, help="Teacher group (repeatable; default: all)."),
-    ]):
-        command = option(command)
-    return command
-
-
-@click.command()
-@click.argument("store")
-@json_option
-@store_errors
-def inspect(store: str, as_json: bool) -> None:
-    """Summary of STORE from metadata only: splits, teachers, completion, bytes on disk."""
-    emit(as_json, summarize(open_store(store), store), inspect_text)
-
-
-def soft_target_entry(targets: st.Targets, temperature: float, top: int, tokenizer: Any) -> dict:
-    p, tail = st.soft_targets(targets, temperature)
-    ids = targets.ids[:top]
-    return {
-        "k": targets.ids.shape[-1],
-        "temperatures": targets.temperatures,
-        "exact": tail is not None,
-        "ids": ids.tolist(),
-        "tokens": [token_text(tokenizer, i) for i in ids],
-        "probs": p[:top].tolist(),
-        "topk_mass": float(p.sum()),
-        "tail_mass": None if tail is None else float(tail),
-    }
-
-
-@click.command()
-@click.argument("store")
-@click.option("--seq", type=int, required=True, help="Sequence index.")
-@click.option("--pos", type=int, default=None, help="Position (default: the last); its target predicts token pos+1.")
-@click.option("--teacher", "teachers", multiple=True, help="Teacher group (repeatable; default: all).")
-@click.option("-T", "--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top", type=int, default=10, show_default=True, help="How many of the top-k to list.")
-@click.option("--split", default="train", show_default=True)
-@click.option("--tokenizer", "tokenizer_dir", help="Tokenizer dir (default: the run's tokenizer/ beside STORE).")
-@json_option
-@store_errors
-def show(store: str, seq: int, pos: int | None, teachers: tuple[str, ...], temperature: float, top: int,
-         split: str, tokenizer_dir: str | None, as_json: bool) -> None:
-    """The context at one position of STORE, its true next token, and each teacher's soft targets."""
-    root = open_store(store)
-    check_split(root, split)
-    names = check_teachers(root, teachers)
-    tokens = root[f"{TOKENS}/{split}"]
-    n, length = tokens.shape
-    pos = length - 1 if pos is None else pos
-    if not 0 <= seq < n:
-        raise click.ClickException(f"{store}: --seq {seq} is out of range: split {split!r} has sequences 0..{n - 1}")
-    if not 0 <= pos < length:
-        raise click.ClickException(f"{store}: --pos {pos} is out of range: sequences have positions 0..{length - 1}")
-    if temperature <= 0 or top <= 0:
-        raise click.ClickException(f"-T {temperature} and --top {top} must both be positive")
-    for name in names:
-        if not st.complete_sequences(root, name, split)[seq]:
-            raise StoreError(f"{store}: teacher {name!r} has not finished the shard holding {split} sequence {seq}")
-    tokenizer = load_tokenizer(store, tokenizer_dir, root.attrs.get("tokenizer_sha256"))
-    row = tokens[seq]
-    # position L-1 predicts the first token of the next sequence: sequences are consecutive cuts of one stream
-    next_id = int(row[pos + 1]) if pos + 1 < length else (int(tokens[seq + 1, 0]) if seq + 1 < n else None)
-    document = {
-        "store": store, "split": split, "seq": seq, "pos": pos, "temperature": temperature,
-        "context": decode(tokenizer, row[: pos + 1]),
-        "context_ids": row[: pos + 1].tolist(),
-        "next_token": None if next_id is None else token_text(tokenizer, next_id),
-        "next_token_id": next_id,
-        "teachers": {
-            name: soft_target_entry(st.read_targets(root, name, split, seq).position(pos), temperature, top, tokenizer)
-            for name in names
-        },
-    }
-    emit(as_json, document, show_text)
-
-
-@click.command()
-@click.argument("store")
-@sample_options
-@json_option
-@store_errors
-def stats(store: str, sample: int, seed: int, split: str, teachers: tuple[str, ...], as_json: bool) -> None:
-    """Top-k mass, entropy and teacher agreement by position over a seeded sample of STORE's sequences."""
-    emit(as_json, sampled_stats(store, sample, seed, split, teachers), stats_text)
-
-
-def sampled_stats(store: str, sample: int, seed: int, split: str, teachers: tuple[str, ...]) -> dict:
-    root = open_store(store)
-    check_split(root, split)
-    if sample <= 0:
-        raise click.ClickException(f"--sample {sample} must be positive")
-    return {"store": store, **st.compute_stats(root, split, check_teachers(root, teachers), sample, seed)}
-
-
-@click.command()
-@click.argument("store")
-@json_option
-@click.pass_context
-def verify(ctx: click.Context, store: str, as_json: bool) -> None:
-    """Check every shard of STORE: index checksums, shapes, completeness, NaN/inf, attributes. Exit 1 on any problem."""
-    from cache.verify import verify_store  # the checks decode every chunk: only load them when asked
-
-    try:
-        problems = verify_store(store)
-    except StoreError as e:
-        problems = [str(e)]
-    if as_json:
-        click.echo(json.dumps({"store": store, "ok": not problems, "problems": problems}, indent=2))
-    else:
-        click.echo("\n".join(problems) if problems else f"{store}: ok")
-    if problems:
-        ctx.exit(1)
-
-
-@click.command()
-@click.argument("store")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Figure file (.png, .pdf, .svg).")
-@sample_options
-@json_option
-@store_errors
-def plot(store: str, out: str, sample: int, seed: int, split: str, teachers: tuple[str, ...], as_json: bool) -> None:
-    """The `stats` of STORE as a figure: top-k mass histogram, entropy by position, teacher agreement."""
-    document = sampled_stats(store, sample, seed, split, teachers)
-    if not Path(out).parent.is_dir():
-        raise click.ClickException(f"{out}: directory {Path(out).parent} does not exist")
-    st.plot_stats(document, Path(out))
-    summary = {"store": store, "out": out, "split": split, "num_sequences": document["num_sequences"]}
-    emit(as_json, summary, lambda d: f"wrote {d['out']} ({d['num_sequences']} sampled {d['split']} sequences)")

@@ -27,8 +27,8 @@ import numpy as np
 import zarr
 from numcodecs.blosc import decompress as blosc_decompress
 
-from cache.codecs import ARRAY_TRANSFORMS, ArrayTransform
-from cache.schema import COMPLETE, TEACHERS, TOKENS, StoreError, check_store, open_store
+from kdcache.cache.codecs import ARRAY_TRANSFORMS, ArrayTransform
+from kdcache.cache.schema import COMPLETE, TEACHERS, TOKENS, StoreError, check_store, open_store
 
 EMPTY = 2**64 - 1  # offset and nbytes of an inner chunk that was never written: read as the fill value
 CRC_BYTES = 4

@@ -23,26 +23,27 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from cache import FORMAT_VERSION, UPGRADABLE_VERSION
-from cache.codecs import SORTED_KEY_DELTA, VOCAB_RANK, ArrayTransform, SortedKeyDeltaCodec, VocabRankCodec
-from cache.config import CodecConfig
+from kdcache import __version__
+from kdcache.cache import FORMAT_VERSION, UPGRADABLE_VERSION
+from kdcache.cache.codecs import SORTED_KEY_DELTA, VOCAB_RANK, ArrayTransform, SortedKeyDeltaCodec, VocabRankCodec
+from kdcache.errors import KdcacheError
 
 TOKENS = "tokens"
 TEACHERS = "teachers"
 COMPLETE = "complete"
-SOFTWARE_VERSION = "0.1.0"
+
 # Teacher attributes outside its settings digest: where the weights live and which kdcache wrote them do not
 # change the targets.
 NOT_DIGESTED = ("source", "kdcache_version", "settings_digest")
 
 
-class StoreError(ValueError):
+class StoreError(KdcacheError):
     """A store that is missing, malformed, incomplete or does not match what the caller expects."""
 
 
@@ -61,6 +62,16 @@ class ArraySpec:
     # The kdcache array -> array codec it is stored through (cache.codecs): SORTED_KEY_DELTA for rows sorted
     # descending, VOCAB_RANK for uint16 token ids (in the order of the split's `vocab_order` attribute).
     transform: str | None = None
+
+
+@dataclass
+class CodecSettings:
+    """How compressed arrays are stored (the run config's `cache.codec`): Blosc for every compressed array (docs/benchmarks.md, item 2, measured the choices)."""
+
+    cname: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib", "none"] = "lz4hc"
+    clevel: int = 5
+    # auto: the shuffle measured best for each array (cache.schema.teacher_array_specs)
+    shuffle: Literal["auto", "bitshuffle", "shuffle", "noshuffle"] = "auto"
 
 
 def ids_dtype(vocab_size: int) -> str:
@@ -89,7 +100,7 @@ def array_transform(spec: ArraySpec, order_base64: str | None) -> list[ArrayTran
     return []
 
 
-def compressors(codec: CodecConfig, spec: ArraySpec) -> list[BloscCodec | Crc32cCodec]:
+def compressors(codec: CodecSettings, spec: ArraySpec) -> list[BloscCodec | Crc32cCodec]:
     """Blosc (unless off), then a crc32c per inner chunk: without it most flipped bytes decode silently."""
     if not spec.compress or codec.cname == "none":
         return [Crc32cCodec()]
@@ -150,7 +161,7 @@ def open_store(path: str, mode: str = "r", any_version: bool = False) -> zarr.Gr
 def create_store(path: str, attrs: dict[str, Any]) -> zarr.Group:
     """Create (or reopen) the root group with its provenance attributes."""
     root = zarr.open_group(store=str(path), mode="a", zarr_format=3, storage_options=_storage_options(path))
-    root.attrs.update({"format_version": FORMAT_VERSION, "kdcache_version": SOFTWARE_VERSION, **attrs})
+    root.attrs.update({"format_version": FORMAT_VERSION, "kdcache_version": __version__, **attrs})
     return root
 
 
@@ -161,7 +172,7 @@ def create_sharded_array(
     seq_len: int,
     spec: ArraySpec,
     per_shard: int,
-    codec: CodecConfig,
+    codec: CodecSettings,
     attrs: dict[str, Any] | None = None,
     order_base64: str | None = None,
 ) -> zarr.Array:
@@ -184,7 +195,7 @@ def create_sharded_array(
     )
 
 
-def write_tokens(root: zarr.Group, split: str, tokens: np.ndarray, per_shard: int, codec: CodecConfig, vocab_size: int) -> None:
+def write_tokens(root: zarr.Group, split: str, tokens: np.ndarray, per_shard: int, codec: CodecSettings, vocab_size: int) -> None:
     tokens = tokens.astype(ids_dtype(vocab_size))
     attrs = {"digest": token_digest(tokens), "per_shard": per_shard}
     if tokens.dtype == np.uint16:  # what the teachers' VOCAB_RANK arrays take as their order
@@ -243,7 +254,7 @@ def create_teacher_split(
     specs: dict[str, ArraySpec],
     teacher_attrs: dict[str, Any],
     per_shard: int,
-    codec: CodecConfig,
+    codec: CodecSettings,
 ) -> zarr.Group:
     """Create `teachers/<teacher>/<split>` with empty arrays and an all-zero completion record."""
     tokens = root[f"{TOKENS}/{split}"]

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cache.schema import TEACHERS, StoreError, completed_shards
+from kdcache.cache.schema import TEACHERS, StoreError, completed_shards
+from kdcache.files import staged
 
 MASS_BINS = 20
 
@@ -222,7 +223,6 @@ def plot_stats(stats: dict, out: Path) -> None:
             ax.text(0.5, 0.5, "needs two teachers", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"split {stats['split']}: {stats['num_sequences']} sampled sequences (seed {stats['seed']})")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=100)
+    with staged(out) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)

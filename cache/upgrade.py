@@ -25,12 +25,12 @@ import click
 import numpy as np
 import zarr
 
-from cache import FORMAT_VERSION, UPGRADABLE_VERSION
-from cache.codecs import VOCAB_RANK, VocabRankCodec
-from cache.encoder import encode_shard, write_file
-from cache.inspect import dir_bytes
-from cache.reader import ShardedArrayReader, layout_from_json, local_path
-from cache.schema import (
+from kdcache.cache import FORMAT_VERSION, UPGRADABLE_VERSION
+from kdcache.cache.codecs import VOCAB_RANK, VocabRankCodec
+from kdcache.cache.encoder import encode_shard, write_file
+from kdcache.cache.inspect import dir_bytes
+from kdcache.cache.reader import ShardedArrayReader, layout_from_json, local_path
+from kdcache.cache.schema import (
     TEACHERS, TOKENS, StoreError, completed_shards, ids_dtype, open_store, settings_digest, shard_range, splits,
     teacher_names, vocab_order_attr,
 )
@@ -124,19 +124,3 @@ def _finish_interrupted_swap(array_dir: Path) -> None:
     if replaced.exists() and not array_dir.exists():
         replaced.rename(array_dir)
     shutil.rmtree(replaced, ignore_errors=True)
-
-
-@click.command("upgrade")
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
-def upgrade(store: str) -> None:
-    """Upgrade a local store of format 2 to the current format in place (no teacher is run)."""
-    try:
-        report = upgrade_store(store)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
-    if report.from_version == FORMAT_VERSION:
-        click.echo(f"{store}: already format {FORMAT_VERSION}")
-        return
-    click.echo(f"{store}: format {report.from_version} -> {FORMAT_VERSION}; {report.arrays} topk_ids arrays "
-               f"re-encoded, {report.bytes_before / 1e6:,.1f} -> {report.bytes_after / 1e6:,.1f} MB, "
-               f"in {report.seconds:.1f} s")

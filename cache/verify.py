@@ -18,9 +18,9 @@ from typing import Any, Callable
 import numpy as np
 import zarr
 
-from cache import FORMAT_VERSION
-from cache.reader import ShardedArrayReader, local_path
-from cache.schema import (
+from kdcache.cache import FORMAT_VERSION
+from kdcache.cache.reader import ShardedArrayReader, local_path
+from kdcache.cache.schema import (
     COMPLETE, TEACHERS, TOKENS, ArraySpec, StoreError, completed_shards, ids_dtype, num_shards, open_store,
     read_tokens, shard_range, splits, teacher_array_specs, teacher_names, token_digest,
 )

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cache.config import CleaningConfig, Config, RunPaths
-from cache.schema import sha256_file
-from precompute.grammar import generate_corpus, write_minimal_pairs
+from kdcache.config import CleaningConfig, Config, RunPaths
+from kdcache.cache.schema import sha256_file
+from kdcache.files import staged
+from kdcache.precompute.grammar import generate_corpus, write_minimal_pairs
+from kdcache.errors import KdcacheError
 
 SPLIT_SUFFIXES = (".train", ".dev", ".test")
 # CHAT speaker tiers (`*MOT:`, `*CHI:`) and switchboard turns (`A:`, `B:`), then a TAB or space.
@@ -28,7 +30,7 @@ DEV_SEED_OFFSET = 1
 PAIRS_SEED_OFFSET = 2
 
 
-class CorpusError(ValueError):
+class CorpusError(KdcacheError):
     """Corpus input that cannot be used; the message names the file (and line)."""
 
 
@@ -95,28 +97,6 @@ def read_split(entries: list[str], cleaning: CleaningConfig, where: str) -> Corp
     for path in files:
         lines.extend(read_lines(path, cleaning))
     return CorpusSplit(lines, {str(path): sha256_file(path) for path in files})
-
-
-@contextmanager
-def staged(final: Path) -> Iterator[Path]:
-    """A temporary path beside `final` that replaces `final` only if the block succeeds (else it is removed)."""
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    remove(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        yield tmp
-        if final.is_dir():
-            shutil.rmtree(final)  # os.replace cannot replace a non-empty directory
-        os.replace(tmp, final)
-    finally:
-        remove(tmp)
-
-
-def remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def write_lines(path: Path, lines: list[str]) -> None:

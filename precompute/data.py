@@ -12,16 +12,16 @@ import itertools
 from datetime import datetime, timezone
 from pathlib import Path
 
-import click
 import numpy as np
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from cache import schema
-from cache.config import Config, ConfigError, RunPaths, load_config, run_paths
-from cache.schema import StoreError
-from precompute.corpus import CorpusError, CorpusSplit, build_corpus, staged
-from precompute.tokenizer import TokenizerError, train_tokenizer
+from kdcache.cache import schema
+from kdcache.config import Config, RunPaths, run_paths
+from kdcache.cache.schema import StoreError
+from kdcache.files import staged
+from kdcache.precompute.corpus import CorpusError, CorpusSplit, build_corpus
+from kdcache.precompute.tokenizer import TokenizerError, train_tokenizer
 
 SPLITS = ("train", "dev")
 ENCODE_BATCH = 10_000  # lines per encode_batch call: parallel in Rust, bounded Python memory
@@ -94,22 +94,13 @@ def prepare_data(cfg: Config, runs_root: str | Path = "runs", overwrite: bool = 
     return paths
 
 
-@click.command("data")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Run config (YAML).")
-@click.option("--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Directory holding runs/<name>/.")
-@click.option("--overwrite", is_flag=True, help="Replace a store that already holds teacher targets.")
-def data(config_path: str, runs_root: str, overwrite: bool) -> None:
-    """Clean the corpus, train the tokenizer and write token sequences to runs/<name>/cache.zarr."""
-    try:
-        paths = prepare_data(load_config(config_path), runs_root, overwrite)
-    except (ConfigError, StoreError, CorpusError, TokenizerError) as e:
-        raise click.ClickException(str(e)) from None
+def data_summary(paths: RunPaths) -> str:
+    """What `kdcache data` wrote: lines, tokens and sequences per split, the vocabulary, the outputs."""
     root = schema.open_store(str(paths.store))
+    lines = []
     for split in SPLITS:
         arr = root[f"{schema.TOKENS}/{split}"]
-        click.echo(
-            f"{split}: {arr.attrs['lines']:,} lines, {arr.attrs['tokens']:,} tokens -> "
-            f"{arr.shape[0]:,} sequences of {arr.shape[1]} ({arr.attrs['dropped_tokens']} dropped)"
-        )
-    click.echo(f"vocab {root.attrs['vocab_size']:,}; wrote {paths.corpus}, {paths.tokenizer}, {paths.store}")
+        lines.append(f"{split}: {arr.attrs['lines']:,} lines, {arr.attrs['tokens']:,} tokens -> "
+                     f"{arr.shape[0]:,} sequences of {arr.shape[1]} ({arr.attrs['dropped_tokens']} dropped)")
+    lines.append(f"vocab {root.attrs['vocab_size']:,}; wrote {paths.corpus}, {paths.tokenizer}, {paths.store}")
+    return "\n".join(lines)

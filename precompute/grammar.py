@@ -15,6 +15,7 @@ import random
 from itertools import accumulate
 from pathlib import Path
 from typing import Callable
+from kdcache.files import atomic_write
 
 # ---------------------------------------------------------------------------------------------------------------
 # Lexicon. No noun or adjective starts with a vowel, so "a" never has to become "an".
@@ -527,8 +528,6 @@ def write_minimal_pairs(out_dir: str | os.PathLike, pairs_per_phenomenon: int, s
     paths = []
     for uid, records in generate_minimal_pairs(pairs_per_phenomenon, seed).items():
         path = out_dir / f"{uid}.jsonl"
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
         paths.append(path)
     return paths

@@ -34,14 +34,15 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import cached_file
 
-from cache import FORMAT_VERSION
-from cache.config import CacheConfig, Config, ConfigError, load_config, run_paths
-from cache.schema import (
-    COMPLETE, NOT_DIGESTED, SOFTWARE_VERSION, TEACHERS, TOKENS, ArraySpec, StoreError, canonical_json, completed_shards,
+from kdcache import __version__
+from kdcache.cache import FORMAT_VERSION
+from kdcache.config import CacheConfig, Config, ConfigError, load_config, run_paths
+from kdcache.cache.schema import (
+    COMPLETE, NOT_DIGESTED, TEACHERS, TOKENS, ArraySpec, StoreError, canonical_json, completed_shards,
     create_teacher_split, num_shards, open_store, settings_digest, sha256_file, shard_range, splits as store_splits,
     teacher_array_specs,
 )
-from precompute.writer import ShardWriter
+from kdcache.precompute.writer import ShardWriter
 
 ENSEMBLE = "ensemble"
 # Config keys that name the checkout or the load, not the model.
@@ -219,15 +220,12 @@ def batch_targets(teachers: list[Teacher], ids: torch.Tensor, cache: CacheConfig
 
 
 def teacher_source(cfg: Config, name: str, runs_root: str | os.PathLike = "runs") -> str:
-    """A pretrained teacher's directory or hub id, else the model `kdcache teachers` trained."""
-    tc = cfg.teacher(name)
-    if tc.pretrained:
-        return tc.pretrained
-    local = run_paths(cfg, runs_root).teacher(name) / "model"
-    if not local.is_dir():
-        raise ConfigError(f"{cfg.source_path}: teacher {name!r} has no model at {local} "
+    """A pretrained teacher's directory or hub id, else the model `kdcache teachers` trained (which must exist)."""
+    source = run_paths(cfg, runs_root).teacher_model(cfg.teacher(name))
+    if not cfg.teacher(name).pretrained and not Path(source).is_dir():
+        raise ConfigError(f"{cfg.source_path}: teacher {name!r} has no model at {source} "
                           "(train it with `kdcache teachers`, or set its `pretrained`)")
-    return str(local)
+    return source
 
 
 def weights_sha256(source: str, config: PretrainedConfig) -> str:
@@ -290,7 +288,7 @@ def _common_attrs(cfg: Config, specs: dict[str, ArraySpec], modes: list[str], st
         "dtypes": {name: spec.dtype for name, spec in specs.items()},
         "tokenizer_sha256": store_attrs["tokenizer_sha256"],
         "format_version": FORMAT_VERSION,
-        "kdcache_version": SOFTWARE_VERSION,
+        "kdcache_version": __version__,
     }
 
 
@@ -570,28 +568,3 @@ def synchronize(device: str | torch.device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@click.command("precompute")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="run config YAML")
-@click.option("--runs-root", default="runs", show_default=True, help="directory holding runs/<name>/")
-@click.option("--store", default=None, help="store path or fsspec URL [default: <runs-root>/<name>/cache.zarr]")
-@click.option("--overwrite", is_flag=True, help="recompute the selected teachers' groups from scratch")
-@click.option("--teacher", "teachers", multiple=True, help="only this teacher (repeatable)")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--writers", type=click.IntRange(min=1), default=None,
-              help="threads compressing shards per rank [default: 1 on CPU, up to 8 on CUDA]")
-def precompute(config_path: str, runs_root: str, store: str | None, overwrite: bool, teachers: tuple[str, ...],
-               device: str, writers: int | None) -> None:
-    """Cache the teachers' top-k logits, logsumexps, samples and hidden states for every token split."""
-    try:
-        stats = precompute_targets(load_config(config_path), runs_root, overwrite, teachers, device, store, writers)
-    except (ConfigError, StoreError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"rank {stats.rank}: {stats.shards_written} shards written, {stats.shards_skipped} already complete; "
-               f"{stats.positions} positions in {stats.seconds:.1f} s ({stats.tokens_per_s:,.0f}/s, "
-               f"{stats.writer_wait_s:.1f} s waiting for the writer)")
-
-
-if __name__ == "__main__":  # `python -m precompute.targets` (torchrun -m needs a module)
-    precompute()

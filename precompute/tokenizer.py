@@ -13,12 +13,13 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from precompute.corpus import staged
+from kdcache.files import staged
+from kdcache.errors import KdcacheError
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}  # ids 0, 1, 2 in this order
 
 
-class TokenizerError(ValueError):
+class TokenizerError(KdcacheError):
     """A tokenizer that cannot be trained or loaded; the message names the file."""
 
 

@@ -22,8 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cache.encoder import ShardedArrayWriter
-from cache.schema import ArraySpec, mark_shard_complete, open_store
+from kdcache.cache.encoder import ShardedArrayWriter
+from kdcache.cache.schema import ArraySpec, mark_shard_complete, open_store
 
 Layout = dict[str, dict[str, ArraySpec]]  # teacher group -> array name -> spec
 Buffers = dict[str, dict[str, torch.Tensor]]  # teacher group -> array name -> [per_shard, L, ...] host tensor

@@ -16,16 +16,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from cache import schema
-from cache.config import Config, run_paths
-from cache.reader import StoreReader
-from cache.schema import StoreError
-from student.losses import (
+from kdcache.cache import schema
+from kdcache.config import Config, run_paths
+from kdcache.cache.reader import StoreReader
+from kdcache.cache.schema import StoreError
+from kdcache.student.losses import (
     HiddenProjections, TeacherTargets, dense_kl, distillation_loss, hard_cross_entropy, hidden_alignment_loss,
     uniform_layer_mapping,
 )
-from student.model import build_model
-from student.train import TokenDataset, init_distributed, lm_loss, train
+from kdcache.student.model import build_model
+from kdcache.runtime import init_distributed
+from kdcache.student.train import TokenDataset, lm_loss, train
 
 ENSEMBLE = "ensemble"
 
@@ -192,7 +193,7 @@ def distill(cfg: Config, runs_root: str | Path = "runs", resume: bool = False, b
         dataset = TokenDataset(paths.store, "train")
         teachers = load_online_teachers(cfg, runs_root, attrs["vocab_size"])
         loss = make_online_loss(teachers, cfg.teacher_weights(), cfg.distill.hard_weight, cfg.distill.temperature)
-        return train_and_report(cfg, model, dataset, paths.root / "online", loss, resume,
+        return train_and_report(cfg, model, dataset, paths.online, loss, resume,
                                 {**fingerprint, "kd": "online"}, paths.tokenizer, None)
     plan = plan_from_config(cfg, store, model.config.num_hidden_layers)
     dataset = DistillDataset(paths.store, "train", plan, expect)
@@ -219,7 +220,7 @@ def load_online_teachers(cfg: Config, runs_root: str | Path, vocab_size: int) ->
     device = init_distributed().device
     teachers = {}
     for t in cfg.teachers:
-        source = t.pretrained or str(run_paths(cfg, runs_root).teacher(t.name) / "model")
+        source = run_paths(cfg, runs_root).teacher_model(t)
         model = AutoModelForCausalLM.from_pretrained(source).to(device).eval().requires_grad_(False)
         if model.config.vocab_size != vocab_size:
             raise StoreError(f"{source}: teacher vocab_size {model.config.vocab_size} != store's {vocab_size}")

@@ -17,16 +17,18 @@ from typing import Any, Iterable, Mapping
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cache.schema import StoreError, tokenizer_sha256
-from student.export import check_vocab, load_model_dir, load_tokenizer
-from student.model import count_parameters
-from student.train import TokenDataset, next_token_ce
+from kdcache.cache.schema import StoreError, tokenizer_sha256
+from kdcache.config import Config, run_paths
+from kdcache.student.export import check_vocab, load_model_dir, load_tokenizer
+from kdcache.student.model import count_parameters
+from kdcache.student.train import TokenDataset, next_token_ce
+from kdcache.errors import KdcacheError
 
 CONVENTION = "2024: prefix [bos], continuation ' ' + sentence, sum of log-probs, tie = right, mean over paradigms"
 Pair = tuple[str, str]
 
 
-class EvalError(ValueError):
+class EvalError(KdcacheError):
     """A model or pair file that cannot be evaluated; the message names the file (and line)."""
 
 
@@ -196,3 +198,17 @@ def compare(reports: Mapping[str, Mapping[str, Any]], paradigms: bool = True) ->
     lines = [f"{label:<{label_width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths))
              for label, cells in [header, *rows]]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def model_name(model_dir: str | Path) -> str:
+    """runs/x/teachers/llama/model -> llama; any other directory -> its own name."""
+    path = Path(model_dir).resolve()
+    return path.parent.name if path.name == "model" else path.name
+
+
+def run_models(cfg: Config, runs_root: str | Path = "runs") -> dict[str, str]:
+    """Every teacher and student model a run can have, trained or not: name -> directory (or hub id)."""
+    paths = run_paths(cfg, runs_root)
+    models = {t.name: paths.teacher_model(t) for t in cfg.teachers}
+    return models | {"student": str(paths.student / "model"), "baseline": str(paths.baseline / "model"),
+                     "online": str(paths.online / "model")}

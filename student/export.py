@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from kdcache.errors import KdcacheError
+from kdcache.files import staged
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
-class ExportError(ValueError):
+class ExportError(KdcacheError):
     """A model and tokenizer that cannot be exported together; the message names the directory."""
 
 
@@ -52,13 +54,9 @@ def export_model(model: PreTrainedModel, tokenizer_dir: str | Path, out_dir: str
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, tmp / name)
-    if out_dir.is_dir():
-        shutil.rmtree(out_dir)  # os.replace cannot replace a non-empty directory
-    os.replace(tmp, out_dir)
+    with staged(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
     return out_dir

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-from cache.config import ModelConfig
+from kdcache.config import ModelConfig
 
 
 def hf_config(model_cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int]) -> PretrainedConfig:

@@ -35,11 +35,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from cache import schema
-from cache.config import Config, TeacherConfig, TrainConfig, run_paths
-from cache.schema import StoreError
-from student.export import export_model
-from student.model import build_model, count_parameters
+from kdcache.cache import schema
+from kdcache.config import Config, TeacherConfig, TrainConfig, run_paths
+from kdcache.cache.schema import StoreError
+from kdcache.student.export import export_model
+from kdcache.student.model import build_model, count_parameters
+from kdcache.errors import KdcacheError
+from kdcache.files import staged
+from kdcache.runtime import Dist, barrier, init_distributed
 
 # loss_fn(model, batch) -> (loss to minimise, per-term metrics); metric values may stay tensors (no sync per step).
 LossFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float | Tensor]]]
@@ -50,46 +53,8 @@ METRICS = "metrics.jsonl"
 EXECUTION_KEYS = ("grad_accum", "checkpoint_every", "log_every", "compile", "num_workers")
 
 
-class TrainError(ValueError):
+class TrainError(KdcacheError):
     """A run that cannot start or resume; the message names the file."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Processes and devices.
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """This process's rank and device; joins the process group when torchrun started several (idempotent)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        if local_world > 1:  # ranks on one host share its cores (torchrun's default is 1 thread each)
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)
-    return Dist(int(os.environ.get("RANK", 0)), world, device)
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,10 +232,8 @@ def rng_states(d: Dist) -> list[dict[str, Tensor | None]]:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write to a temporary name, then rename: a crash mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with staged(path) as tmp:
+        torch.save(state, tmp)
 
 
 @dataclass

@@ -11,8 +11,8 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from cache.config import Config, DataConfig, EvalConfig, ModelConfig, TeacherConfig, TokenizerConfig, TrainConfig, load_config, run_paths
-from cache.schema import create_store, tokenizer_sha256, write_tokens
+from kdcache.config import Config, DataConfig, EvalConfig, ModelConfig, TeacherConfig, TokenizerConfig, TrainConfig, load_config, run_paths
+from kdcache.cache.schema import create_store, tokenizer_sha256, write_tokens
 from shared_data import SHARED_DATA
 
 BLIMP = SHARED_DATA / "blimp"

@@ -14,14 +14,14 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 
-from cache.codecs import (
+from kdcache.cache.codecs import (
     SORTED_KEY_DELTA, VOCAB_RANK, SortedKeyDeltaCodec, VocabRankCodec, decode_sorted_key_delta,
     encode_sorted_key_delta,
 )
-from cache.config import CodecConfig
-from cache.encoder import ShardedArrayWriter
-from cache.reader import ShardedArrayReader, parse_layout
-from cache.schema import (
+from kdcache.cache.schema import CodecSettings
+from kdcache.cache.encoder import ShardedArrayWriter
+from kdcache.cache.reader import ShardedArrayReader, parse_layout
+from kdcache.cache.schema import (
     ArraySpec, StoreError, create_sharded_array, create_store, create_teacher_split, teacher_array_specs, write_tokens,
 )
 from test_encoder import files
@@ -86,7 +86,7 @@ def test_a_vocab_order_must_list_every_id_once():
 
 def test_a_store_with_a_bad_vocab_order_is_refused_naming_the_file(tmp_path):
     store = tmp_path / "s.zarr"
-    create_sharded_array(create_store(str(store), {}), "ids", 4, 3, SPECS[VOCAB_RANK], 2, CodecConfig(),
+    create_sharded_array(create_store(str(store), {}), "ids", 4, 3, SPECS[VOCAB_RANK], 2, CodecSettings(),
                          order_base64=RANKED.order_base64)
     meta_path = store / "ids" / "zarr.json"
     meta = json.loads(meta_path.read_text())
@@ -100,7 +100,7 @@ def test_a_store_with_a_bad_vocab_order_is_refused_naming_the_file(tmp_path):
 @pytest.mark.parametrize("transform", list(SPECS))
 def test_zarr_python_alone_reads_what_the_reader_reads(tmp_path, transform):
     store = tmp_path / "s.zarr"
-    array = create_sharded_array(create_store(str(store), {}), "a", 5, 3, SPECS[transform], 2, CodecConfig(),
+    array = create_sharded_array(create_store(str(store), {}), "a", 5, 3, SPECS[transform], 2, CodecSettings(),
                                  order_base64=RANKED.order_base64)
     values = rows_for(transform, (5, 3, 8), seed=2)
     array[:3] = values[:3]
@@ -143,13 +143,13 @@ def test_encoder_and_reader_follow_the_stored_byte_order(tmp_path, endian, trans
 def test_teacher_ids_are_not_ranked_without_the_splits_vocab_order(tmp_path):
     root = create_store(str(tmp_path / "s.zarr"), {})
     tokens = np.array([[4, 4, 4, 1], [4, 1, 3, 0], [2, 2, 2, 2]])  # counts: 2 and 4 four times, 1 twice, 0 and 3 once
-    write_tokens(root, "train", tokens, per_shard=2, codec=CodecConfig(), vocab_size=5)
+    write_tokens(root, "train", tokens, per_shard=2, codec=CodecSettings(), vocab_size=5)
     specs = teacher_array_specs(k=2, vocab_size=5, n_temperatures=1, samples=0, hidden_sizes={}, hidden_dtype="float16")
     assert specs["topk_ids"].transform == VOCAB_RANK
-    create_teacher_split(root, "t", "train", specs, {}, per_shard=2, codec=CodecConfig())
+    create_teacher_split(root, "t", "train", specs, {}, per_shard=2, codec=CodecSettings())
     ranked = root["teachers/t/train/topk_ids"].metadata.codecs[0].codecs[0]  # the sharding codec's first inner codec
     assert ranked == VocabRankCodec.from_order(np.array([2, 4, 1, 0, 3]))  # by descending count, ties by id
     del root["tokens/train"].attrs["vocab_order"]
     with pytest.raises(StoreError, match="tokens/train has no vocab_order attribute"):
-        create_teacher_split(root, "u", "train", specs, {}, per_shard=2, codec=CodecConfig())
+        create_teacher_split(root, "u", "train", specs, {}, per_shard=2, codec=CodecSettings())
     assert "u" not in root["teachers"]  # refused before anything was created

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cache.config import ConfigError, load_config
+from kdcache.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

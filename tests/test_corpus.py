@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from cache.config import CleaningConfig, Config, CorpusConfig, run_paths
-from cache.schema import sha256_file
-from precompute.corpus import CorpusError, build_corpus, clean_line, expand_entries, read_lines, read_split
+from kdcache.config import CleaningConfig, Config, CorpusConfig, run_paths
+from kdcache.cache.schema import sha256_file
+from kdcache.precompute.corpus import CorpusError, build_corpus, clean_line, expand_entries, read_lines, read_split
 
 CLEAN = CleaningConfig()
 

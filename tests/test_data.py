@@ -9,11 +9,12 @@ import yaml
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-from cache import schema
-from cache.codecs import VocabRankCodec
-from cache.config import Config, CorpusConfig, DataConfig, TokenizerConfig, load_config
-from precompute.data import data, encode_stream, pack, prepare_data
-from precompute.tokenizer import load_tokenizer
+from kdcache.cache import schema
+from kdcache.cache.codecs import VocabRankCodec
+from kdcache.config import Config, CorpusConfig, DataConfig, TokenizerConfig, load_config
+from kdcache.cli.pipeline import data
+from kdcache.precompute.data import encode_stream, pack, prepare_data
+from kdcache.precompute.tokenizer import load_tokenizer
 
 
 def small_config(tmp_path: Path) -> Config:

@@ -16,12 +16,12 @@ import yaml
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
-import student.distill
-from cache.cli import main
-from cache.config import load_config, run_paths
-from cache.reader import StoreReader
-from cache.schema import open_store
-from cache.verify import verify_store
+import kdcache.student.distill as distill_module
+from kdcache.cli import main
+from kdcache.config import load_config, run_paths
+from kdcache.cache.reader import StoreReader
+from kdcache.cache.schema import open_store
+from kdcache.cache.verify import verify_store
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -164,7 +164,7 @@ def test_distill_resumes_exactly_after_a_crash(run, monkeypatch):
     crash_cfg, _ = linked_run(run, "tiny-crash")
     kdcache("distill", "--config", str(full_cfg), "--runs-root", str(runs))
 
-    real = student.distill.make_kd_loss
+    real = distill_module.make_kd_loss
 
     def crashing(*args, **kwargs):
         loss_fn, calls = real(*args, **kwargs), [0]
@@ -176,10 +176,10 @@ def test_distill_resumes_exactly_after_a_crash(run, monkeypatch):
             return loss_fn(model, batch)
         return wrapped
 
-    monkeypatch.setattr(student.distill, "make_kd_loss", crashing)
+    monkeypatch.setattr(distill_module, "make_kd_loss", crashing)
     result = CliRunner().invoke(main, ["distill", "--config", str(crash_cfg), "--runs-root", str(runs)])
     assert isinstance(result.exception, Crash)
-    monkeypatch.setattr(student.distill, "make_kd_loss", real)
+    monkeypatch.setattr(distill_module, "make_kd_loss", real)
     kdcache("distill", "--config", str(crash_cfg), "--runs-root", str(runs), "--resume")
 
     full = metrics(runs / "tiny-full" / "student")
@@ -194,7 +194,7 @@ def test_two_gloo_ranks_match_one(run):
     kdcache("distill", "--config", str(one_cfg), "--runs-root", str(runs))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "cache.cli", "distill", "--config", str(config), "--runs-root", str(runs)],
+                    "-m", "kdcache.cli", "distill", "--config", str(config), "--runs-root", str(runs)],
                    cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300)
     one, two = metrics(runs / "tiny-one" / "student"), metrics(runs / "tiny-ddp" / "student")
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], abs=1e-4)
@@ -217,8 +217,8 @@ def test_distill_dataset_batches_are_the_stores_arrays(run):
     config, runs = run
     cfg = load_config(config)
     paths = run_paths(cfg, runs)
-    plan = student.distill.plan_from_config(cfg, open_store(str(paths.store)), cfg.student.num_layers)
-    dataset = student.distill.DistillDataset(paths.store, "train", plan, {})
+    plan = distill_module.plan_from_config(cfg, open_store(str(paths.store)), cfg.student.num_layers)
+    dataset = distill_module.DistillDataset(paths.store, "train", plan, {})
     idx = [5, 0, 3]
     batch = next(iter(DataLoader(dataset, sampler=idx, batch_size=3, collate_fn=dataset.collate)))
     stored = StoreReader(paths.store, teachers=list(plan.arrays()), arrays=plan.arrays()).batch(idx)

@@ -13,16 +13,16 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec
 
-from cache.config import CodecConfig
-from cache.encoder import TASK_CHUNKS, ShardedArrayWriter, encode_shard
-from cache.reader import EMPTY, ShardedArrayReader, parse_layout
-from cache.codecs import SORTED_KEY_DELTA, VOCAB_RANK, VocabRankCodec
-from cache.schema import ArraySpec, create_sharded_array, create_store, num_shards, shard_range
+from kdcache.cache.schema import CodecSettings
+from kdcache.cache.encoder import TASK_CHUNKS, ShardedArrayWriter, encode_shard
+from kdcache.cache.reader import EMPTY, ShardedArrayReader, parse_layout
+from kdcache.cache.codecs import SORTED_KEY_DELTA, VOCAB_RANK, VocabRankCodec
+from kdcache.cache.schema import ArraySpec, create_sharded_array, create_store, num_shards, shard_range
 
 N, SEQ_LEN, PER_SHARD = 10, 6, 4  # 3 shards, the last one holding 2 sequences
-CODECS = {"default": CodecConfig(), "zstd-bitshuffle": CodecConfig(cname="zstd", clevel=1, shuffle="bitshuffle"),
-          "lz4-shuffle": CodecConfig(cname="lz4", clevel=5, shuffle="shuffle"),
-          "none": CodecConfig(cname="none")}
+CODECS = {"default": CodecSettings(), "zstd-bitshuffle": CodecSettings(cname="zstd", clevel=1, shuffle="bitshuffle"),
+          "lz4-shuffle": CodecSettings(cname="lz4", clevel=5, shuffle="shuffle"),
+          "none": CodecSettings(cname="none")}
 DTYPES = ["float16", "uint16", "int32", "float32", "int8", "uint8"]
 # Compressed float16 and uint16 rows go through the transform topk_logits and topk_ids have.
 TRANSFORMS = {"float16": SORTED_KEY_DELTA, "uint16": VOCAB_RANK}
@@ -47,7 +47,7 @@ def write_shards(store: str, path: str, values: np.ndarray, pool: ThreadPoolExec
         writer.write(shard, values[rows.start:rows.stop])
 
 
-def twin_arrays(tmp_path: Path, spec: ArraySpec, codec: CodecConfig, n: int = N, per_shard: int = PER_SHARD
+def twin_arrays(tmp_path: Path, spec: ArraySpec, codec: CodecSettings, n: int = N, per_shard: int = PER_SHARD
                 ) -> tuple[zarr.Array, Path]:
     """The same empty array in two stores: one for zarr-python to write (returned as created: write_empty_chunks
     is a setting of the open array, not of zarr.json), one for the encoder (its store path)."""
@@ -73,7 +73,7 @@ def test_shard_files_are_zarrs_bytes(tmp_path, codec, dtype):
 
 
 def test_short_last_shard_index_holds_empty_sentinels(tmp_path):
-    _, store = twin_arrays(tmp_path, ArraySpec((3,), "float16"), CodecConfig())
+    _, store = twin_arrays(tmp_path, ArraySpec((3,), "float16"), CodecSettings())
     values = sample((N, SEQ_LEN, 3), "float16", np.random.default_rng(1))
     write_shards(str(store), "a", values)
     layout = parse_layout(store / "a")
@@ -85,7 +85,7 @@ def test_short_last_shard_index_holds_empty_sentinels(tmp_path):
 
 def test_thread_pool_gives_the_same_bytes(tmp_path):
     n = 3 * TASK_CHUNKS + 5  # several pool tasks, the last one short, in one shard
-    expected, store = twin_arrays(tmp_path, ArraySpec((4,), "float16"), CodecConfig(), n=n, per_shard=n)
+    expected, store = twin_arrays(tmp_path, ArraySpec((4,), "float16"), CodecSettings(), n=n, per_shard=n)
     values = sample((n, SEQ_LEN, 4), "float16", np.random.default_rng(2))
     expected[...] = values
     with ThreadPoolExecutor(3) as pool:
@@ -110,7 +110,7 @@ def test_other_layouts_zarr_allows(tmp_path, endian, location, checksum):
 
 
 def test_fsspec_store_gets_the_same_bytes(tmp_path):
-    spec, codec = ArraySpec((5,), "uint16"), CodecConfig()
+    spec, codec = ArraySpec((5,), "uint16"), CodecSettings()
     values = sample((N, SEQ_LEN, 5), "uint16", np.random.default_rng(3))
     local, memory = tmp_path / "local.zarr", "memory://encoder-test.zarr"
     for store in (str(local), memory):
@@ -126,13 +126,13 @@ def test_fsspec_store_gets_the_same_bytes(tmp_path):
 def test_file_url_writes_files(tmp_path):
     store = f"file://{tmp_path / 'x.zarr'}"
     values = sample((N, SEQ_LEN), "int32", np.random.default_rng(4))
-    create_sharded_array(create_store(store, {}), "a", N, SEQ_LEN, ArraySpec((), "int32"), PER_SHARD, CodecConfig())
+    create_sharded_array(create_store(store, {}), "a", N, SEQ_LEN, ArraySpec((), "int32"), PER_SHARD, CodecSettings())
     write_shards(store, "a", values)
     assert np.array_equal(ShardedArrayReader(tmp_path / "x.zarr/a").read_sequences(range(N)), values)
 
 
 def test_failed_write_keeps_the_old_shard_and_no_partial_file(tmp_path, monkeypatch):
-    _, store = twin_arrays(tmp_path, ArraySpec((), "float32"), CodecConfig())
+    _, store = twin_arrays(tmp_path, ArraySpec((), "float32"), CodecSettings())
     values = sample((N, SEQ_LEN), "float32", np.random.default_rng(5))
     write_shards(str(store), "a", values)
     before = files(store / "a")
@@ -147,7 +147,7 @@ def test_failed_write_keeps_the_old_shard_and_no_partial_file(tmp_path, monkeypa
 
 
 def test_wrong_shapes_are_refused(tmp_path):
-    _, store = twin_arrays(tmp_path, ArraySpec((5,), "float16"), CodecConfig())
+    _, store = twin_arrays(tmp_path, ArraySpec((5,), "float16"), CodecSettings())
     writer = ShardedArrayWriter(str(store), "a")
     values = np.zeros((PER_SHARD, SEQ_LEN, 5), np.float16)
     with pytest.raises(ValueError, match=r"shard 2 holds sequences 8\.\.9, got 4 sequences"):

@@ -13,16 +13,16 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-from cache.config import TeacherConfig, run_paths
+from kdcache.config import TeacherConfig, run_paths
 from helpers_train import BLIMP, SPECIAL_IDS, TINY_GPT2, TINY_LLAMA, VOCAB, blimp_lines, make_run, make_store, make_tokenizer
-from student.commands import evaluate
-from student.evaluate import (
+from kdcache.cli.pipeline import evaluate
+from kdcache.student.evaluate import (
     EvalError, compare, dev_loss, encode_sentences, evaluate_model, load_model, minimal_pair_accuracy, read_pair_dir,
     score_sequences,
 )
-from student.export import export_model
-from student.model import build_model
-from student.train import TokenDataset, next_token_ce
+from kdcache.student.export import export_model
+from kdcache.student.model import build_model
+from kdcache.student.train import TokenDataset, next_token_ce
 
 LINES = blimp_lines(paradigms=20, per_paradigm=40)
 LONG = 128  # BLiMP sentences need more than the store's 16 positions

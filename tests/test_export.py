@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers_train import SPECIAL_IDS, TINY_GPT2, TINY_LLAMA, VOCAB, blimp_lines, make_store, make_tokenizer, tiny_train
-from student.commands import export
-from student.export import ExportError, export_model
-from student.model import build_model
-from student.train import TokenDataset, lm_loss, train
+from kdcache.cli.pipeline import export
+from kdcache.student.export import ExportError, export_model
+from kdcache.student.model import build_model
+from kdcache.student.train import TokenDataset, lm_loss, train
 
 LINES = blimp_lines(paradigms=6, per_paradigm=30)
 TEXT = " The cat saw a dog.\nWho should Derek hug?"

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from precompute import grammar
-from precompute.grammar import (
+from kdcache.precompute import grammar
+from kdcache.precompute.grammar import (
     ANIMATE, AUXILIARIES, CONTRACTED, INANIMATE, INTRANSITIVE, IRREGULAR, IRREGULAR_INANIMATE, NEEDS_OBJECT,
     NO_OBJECT, PHENOMENA, REFLEXIVES, TRANSITIVE, generate_corpus, generate_minimal_pairs,
     is_grammatical, words_of, write_minimal_pairs,

@@ -18,10 +18,10 @@ import zarr
 from click.testing import CliRunner
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from cache import FORMAT_VERSION
-from cache.cli import main
-from cache.config import CodecConfig
-from cache.schema import (
+from kdcache.cache import FORMAT_VERSION
+from kdcache.cli import main
+from kdcache.cache.schema import CodecSettings
+from kdcache.cache.schema import (
     create_store,
     create_teacher_split,
     mark_shard_complete,
@@ -95,7 +95,7 @@ def build_store(run_dir: Path) -> Built:
     rng = np.random.default_rng(0)
     tokenizer = train_tokenizer(run_dir / "tokenizer")
     vocab = tokenizer.get_vocab_size()
-    codec = CodecConfig()
+    codec = CodecSettings()
     store = run_dir / "cache.zarr"
     root = create_store(str(store), {"seq_len": SEQ_LEN, "vocab_size": vocab, "special_ids": {"pad": 0, "bos": 1, "eos": 2},
                                      "tokenizer_sha256": tokenizer_sha256(run_dir / "tokenizer")})
@@ -148,7 +148,7 @@ def run_json(*args: str) -> dict:
 
 def subprocess_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", "from cache.cli import main; main()", *map(str, args)],
+    return subprocess.run([sys.executable, "-c", "from kdcache.cli import main; main()", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -213,7 +213,7 @@ def test_inspect_human_tables(built):
 
 
 def test_inspect_never_imports_torch_or_matplotlib():
-    code = "import sys, cache.inspect; assert not {'torch', 'matplotlib'} & set(sys.modules), 'heavy import'"
+    code = "import sys, kdcache.cli, kdcache.cache.inspect; assert not {'torch', 'matplotlib'} & set(sys.modules), 'heavy import'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
 
 

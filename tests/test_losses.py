@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student.losses import (
+from kdcache.student.losses import (
     HiddenProjections,
     TeacherTargets,
     dense_kl,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cache.config import ModelConfig
-from student.model import build_model, count_parameters
+from kdcache.config import ModelConfig
+from kdcache.student.model import build_model, count_parameters
 
 SPECIAL = {"pad": 0, "bos": 1, "eos": 2}
 

@@ -20,15 +20,16 @@ from transformers import (
     AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 )
 
-import precompute.writer
-from cache.config import (
-    CacheConfig, CodecConfig, Config, DataConfig, ModelConfig, TeacherConfig, TokenizerConfig, run_paths,
+import kdcache.precompute.writer
+from kdcache.cache.schema import CodecSettings
+from kdcache.config import (
+    CacheConfig, Config, DataConfig, ModelConfig, TeacherConfig, TokenizerConfig, run_paths,
 )
-from cache.reader import ShardedArrayReader
-from cache.schema import (
+from kdcache.cache.reader import ShardedArrayReader
+from kdcache.cache.schema import (
     COMPLETE, StoreError, completed_shards, create_store, open_store, read_tokens, tokenizer_sha256, write_tokens,
 )
-from precompute.targets import logsumexps, logsumexps_by_rows, precompute_targets, sample_counts
+from kdcache.precompute.targets import logsumexps, logsumexps_by_rows, precompute_targets, sample_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, PER_SHARD = 16, 4
@@ -68,7 +69,7 @@ def make_store(path: Path, vocab: int, tokdir: Path) -> str:
     root = create_store(str(path), {"seq_len": SEQ, "vocab_size": vocab, "tokenizer_sha256": tokenizer_sha256(tokdir)})
     rng = np.random.default_rng(0)
     for split, n in SPLIT_SIZES.items():
-        write_tokens(root, split, rng.integers(3, vocab, (n, SEQ)), PER_SHARD, CodecConfig(), vocab)
+        write_tokens(root, split, rng.integers(3, vocab, (n, SEQ)), PER_SHARD, CodecSettings(), vocab)
     return str(path)
 
 
@@ -241,7 +242,7 @@ def test_shard_files_are_what_zarr_writes_and_read_directly(world, tmp_path):
 def test_kill_and_resume_gives_identical_store(world, monkeypatch):
     store = world.store("resumed.zarr")
     calls = []
-    mark = precompute.writer.mark_shard_complete
+    mark = kdcache.precompute.writer.mark_shard_complete
 
     def dying_mark(group, shard):
         calls.append(shard)
@@ -249,13 +250,13 @@ def test_kill_and_resume_gives_identical_store(world, monkeypatch):
             raise RuntimeError("simulated kill")
         mark(group, shard)
 
-    monkeypatch.setattr(precompute.writer, "mark_shard_complete", dying_mark)
+    monkeypatch.setattr(kdcache.precompute.writer, "mark_shard_complete", dying_mark)
     with pytest.raises(RuntimeError, match="simulated kill"):
         precompute_targets(world.cfg, world.runs, store=store, device="cpu")
     root = open_store(store)
     assert completed_shards(root["teachers/llama/train"]).tolist() == [True, True, True]
     assert completed_shards(root["teachers/gpt2/train"]).tolist() == [True, True, False]
-    monkeypatch.setattr(precompute.writer, "mark_shard_complete", mark)
+    monkeypatch.setattr(kdcache.precompute.writer, "mark_shard_complete", mark)
 
     # The rerun compresses on two threads: same bytes as the one thread of the uninterrupted run.
     stats = precompute_targets(world.cfg, world.runs, store=store, device="cpu", writers=2)
@@ -269,7 +270,7 @@ def test_two_ranks_match_one_rank(world):
     store = world.store("ranks.zarr")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "precompute.targets", "--config", str(config), "--runs-root", str(world.runs),
+           "-m", "kdcache.cli", "precompute", "--config", str(config), "--runs-root", str(world.runs),
            "--store", store, "--device", "cpu"]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -317,7 +318,7 @@ def test_store_given_as_fsspec_url(world):
     """An in-memory fsspec store, written through zarr's store API, gets the same arrays as a local one."""
     root = create_store("memory://kdcache-test.zarr", dict(open_store(world.full).attrs))
     for split in SPLIT_SIZES:
-        write_tokens(root, split, read_tokens(open_store(world.full), split), PER_SHARD, CodecConfig(), world.vocab)
+        write_tokens(root, split, read_tokens(open_store(world.full), split), PER_SHARD, CodecSettings(), world.vocab)
     cfg = dataclasses.replace(world.cfg, cache=dataclasses.replace(world.cfg.cache, ensemble=False, samples=0,
                                                                    hidden_layers={}))
     stats = precompute_targets(cfg, world.runs, teachers=["gpt2"], store="memory://kdcache-test.zarr", device="cpu")

@@ -15,17 +15,17 @@ import zarr
 from torch.utils.data import DataLoader
 from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec
 
-import cache.schema as schema
-from cache.config import CodecConfig
-from cache.reader import ShardedArrayReader, StoreReader
-from cache.schema import (
+import kdcache.cache.schema as schema
+from kdcache.cache.schema import CodecSettings
+from kdcache.cache.reader import ShardedArrayReader, StoreReader
+from kdcache.cache.schema import (
     StoreError, create_store, create_teacher_split, mark_shard_complete, num_shards, shard_range, teacher_array_specs,
     write_tokens,
 )
 
 N, SEQ_LEN, PER_SHARD, K, TEMPERATURES, SAMPLES, HIDDEN = 10, 6, 4, 5, [1.0, 2.0], 3, {1: 7}
 SHA = "f" * 64
-DEFAULT, NONE = CodecConfig(), CodecConfig(cname="none")
+DEFAULT, NONE = CodecSettings(), CodecSettings(cname="none")
 
 
 def teacher_data(shape: tuple[int, int], vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -44,7 +44,7 @@ def teacher_data(shape: tuple[int, int], vocab: int, rng: np.random.Generator) -
     }
 
 
-def build_store(store: str | Path, *, codec: CodecConfig = DEFAULT, vocab: int = 300,
+def build_store(store: str | Path, *, codec: CodecSettings = DEFAULT, vocab: int = 300,
                 teachers: tuple[str, ...] = ("alpha",), incomplete: tuple[str, int] | None = None) -> dict[str, np.ndarray]:
     """A store with tokens/train and one int8-hidden, sampled teacher split per teacher, written shard by shard
     as the precompute writer does. `incomplete` = (teacher, shard) left unmarked. Returns the arrays written,
@@ -83,7 +83,7 @@ def random_indices(rng: np.random.Generator) -> np.ndarray:
 # ShardedArrayReader == zarr-python
 
 
-LZ4 = CodecConfig(cname="lz4", shuffle="shuffle")
+LZ4 = CodecSettings(cname="lz4", shuffle="shuffle")
 
 
 @pytest.mark.parametrize("codec,vocab", [(DEFAULT, 300), (NONE, 300), (LZ4, 70000)])

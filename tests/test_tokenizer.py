@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from cache.schema import sha256_file
-from precompute.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+from kdcache.cache.schema import sha256_file
+from kdcache.precompute.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 
 WORDS = "the a dog cat bird saw chased liked small big red quickly today and but because house garden".split()
 LINES = [

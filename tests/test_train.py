@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from torch.utils.data import Subset
 from transformers import AutoModelForCausalLM
 
-from cache.config import TeacherConfig, run_paths
-from cache.schema import StoreError
+from kdcache.config import TeacherConfig, run_paths
+from kdcache.cache.schema import StoreError
 from helpers_train import SPECIAL_IDS, TINY_GPT2, TINY_LLAMA, VOCAB, blimp_lines, make_run, make_store, make_tokenizer, tiny_train
-from student.commands import teachers
-from student.model import build_model
-from student.train import METRICS, Dist, StepBatches, TokenDataset, TrainError, lm_loss, train
+from kdcache.cli.pipeline import teachers
+from kdcache.student.model import build_model
+from kdcache.student.train import METRICS, Dist, StepBatches, TokenDataset, TrainError, lm_loss, train
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = blimp_lines(paradigms=10, per_paradigm=40)
@@ -149,7 +149,7 @@ def test_batch_that_does_not_split_over_ranks_is_refused(data, tmp_path):
 
 def torchrun_teachers(config: Path, runs_root: Path, nproc: int) -> str:
     launcher = runs_root.parent / "kdcache_main.py"
-    launcher.write_text("from cache.cli import main\nmain()\n")
+    launcher.write_text("from kdcache.cli import main\nmain()\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                     str(launcher), "teachers", "--config", str(config), "--runs-root", str(runs_root)],

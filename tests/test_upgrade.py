@@ -14,16 +14,16 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-import cache.upgrade
+import kdcache.cache.upgrade
 import test_inspect
-from cache import FORMAT_VERSION, UPGRADABLE_VERSION
-from cache.cli import main
-from cache.codecs import VOCAB_RANK, VocabRankCodec
-from cache.schema import (
+from kdcache.cache import FORMAT_VERSION, UPGRADABLE_VERSION
+from kdcache.cli import main
+from kdcache.cache.codecs import VOCAB_RANK, VocabRankCodec
+from kdcache.cache.schema import (
     TEACHERS, TOKENS, StoreError, mark_shard_complete, open_store, settings_digest, teacher_array_specs, vocab_order,
 )
-from cache.upgrade import PENDING, REPLACED, upgrade_store
-from cache.verify import verify_store
+from kdcache.cache.upgrade import PENDING, REPLACED, upgrade_store
+from kdcache.cache.verify import verify_store
 
 SPLITS = tuple(test_inspect.SPLIT_SIZES)
 TEACHER_GROUPS = ("alpha", "beta", "ensemble")
@@ -144,4 +144,4 @@ def test_other_versions_are_not_upgraded(complete_copy, version):
 
 def test_only_local_stores_are_upgraded():
     with pytest.raises(StoreError, match="needs a local store"):
-        cache.upgrade.upgrade_store("memory://somewhere")
+        kdcache.cache.upgrade.upgrade_store("memory://somewhere")

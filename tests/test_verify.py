@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from cache import FORMAT_VERSION
-from cache.schema import StoreError, write_tokens
-from cache.verify import verify_store
+from kdcache.cache import FORMAT_VERSION
+from kdcache.cache.schema import StoreError, write_tokens
+from kdcache.cache.verify import verify_store
 from test_reader import LZ4, NONE, PER_SHARD, SEQ_LEN, DEFAULT, array_dir, build_store, flip
 
 

@@ -6,7 +6,7 @@ on a shared machine only ever adds time). Linear cost: each added position costs
 (the smallest size also pays the fixed cost of a run), and the bytes per position stay flat. `precompute s` is
 precompute's own clock (`PrecomputeStats`); `wall` adds loading the teacher and checking the groups.
 
-    python tests/benchmarks/bench_scaling.py
+    python benchmarks/bench_scaling.py
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from benchlib import (
     PROFILES, SPLIT, Profile, Section, Table, bench_config, run_section, save_random_teacher, synthetic_store,
 )
 from bench_store import disk_nbytes
-from cache.config import ModelConfig
-from cache.schema import TEACHERS, TOKENS
-from precompute.targets import PrecomputeStats, precompute_targets
+from kdcache.config import ModelConfig
+from kdcache.cache.schema import TEACHERS, TOKENS
+from kdcache.precompute.targets import PrecomputeStats, precompute_targets
 
 SIZES = (8, 80, 800)
 ROUNDS = 3

@@ -20,8 +20,11 @@ from typing import Any, Literal
 
 import yaml
 
+from kdcache.cache.schema import CodecSettings
+from kdcache.errors import KdcacheError
 
-class ConfigError(ValueError):
+
+class ConfigError(KdcacheError):
     """A config file that cannot be used; the message names the file and key."""
 
 
@@ -94,15 +97,6 @@ class TeacherConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-@dataclass
-class CodecConfig:
-    """Blosc for every compressed array (docs/benchmarks.md, item 2, measured the choices)."""
-
-    cname: Literal["zstd", "lz4", "lz4hc", "blosclz", "zlib", "none"] = "lz4hc"
-    clevel: int = 5
-    # auto: the shuffle measured best for each array (cache.schema.teacher_array_specs)
-    shuffle: Literal["auto", "bitshuffle", "shuffle", "noshuffle"] = "auto"
-
 
 @dataclass
 class CacheConfig:
@@ -114,7 +108,7 @@ class CacheConfig:
     sample_temperature: float = 1.0
     ensemble: bool = False  # also cache top-k of the mean of the teachers' logits (seed-exact mode)
     batch_size: int = 64
-    codec: CodecConfig = field(default_factory=CodecConfig)
+    codec: CodecSettings = field(default_factory=CodecSettings)
     splits: list[str] = field(default_factory=lambda: ["train", "dev"])
 
 
@@ -322,6 +316,11 @@ class RunPaths:
     def teacher(self, name: str) -> Path:  # training dir; the final HF model is <dir>/model
         return self.root / "teachers" / name
 
+    def teacher_model(self, teacher: TeacherConfig) -> str:
+        """Where a teacher's weights come from: its `pretrained` directory or hub id, else what `kdcache teachers`
+        trained (the one place that decides it)."""
+        return teacher.pretrained or str(self.teacher(teacher.name) / "model")
+
     @property
     def student(self) -> Path:
         return self.root / "student"
@@ -329,6 +328,10 @@ class RunPaths:
     @property
     def baseline(self) -> Path:  # same-size student trained without distillation
         return self.root / "baseline"
+
+    @property
+    def online(self) -> Path:  # the same student distilled with the teachers in memory
+        return self.root / "online"
 
     @property
     def eval(self) -> Path:

@@ -9,7 +9,7 @@ Real teacher data: a small Llama trained here for 200 steps on BabyLM text (swit
 files) with a 16000-token BPE vocabulary, the seed's; and, when `make` built them here, the trained teachers of
 runs/mini_real (BabyLM text, vocabulary 8000) and runs/demo (640 tokens: says little about a 16000-token cache).
 
-    python tests/benchmarks/bench_store.py
+    python benchmarks/bench_store.py
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ from benchlib import (
     PROFILES, REPO, SPLIT, Profile, Section, Table, Target, bench_config, run_section, save_random_teacher,
     subset_store,
 )
-from cache.codecs import ArrayTransform, decode_sorted_key_delta, encode_sorted_key_delta
-from cache.config import ModelConfig, TrainConfig, load_config
-from cache.encoder import encode_shard
-from cache.reader import parse_layout
-from cache.schema import TEACHERS, StoreError, num_shards, open_store, shard_range
-from precompute.data import prepare_data
-from precompute.targets import precompute_targets
-from student.model import build_model, count_parameters
-from student.train import TokenDataset, lm_loss, train
+from kdcache.cache.codecs import ArrayTransform, decode_sorted_key_delta, encode_sorted_key_delta
+from kdcache.config import ModelConfig, TrainConfig, load_config
+from kdcache.cache.encoder import encode_shard
+from kdcache.cache.reader import parse_layout
+from kdcache.cache.schema import TEACHERS, StoreError, num_shards, open_store, shard_range
+from kdcache.precompute.data import prepare_data
+from kdcache.precompute.targets import precompute_targets
+from kdcache.student.model import build_model, count_parameters
+from kdcache.student.train import TokenDataset, lm_loss, train
 
 TARGET = 150.0  # bytes per position, top-64 (logits + ids + lse)
-DEFAULT = "default: lz4hc5, shuffle per array"  # as stored: CodecConfig() and cache.schema's per-array shuffle
+DEFAULT = "default: lz4hc5, shuffle per array"  # as stored: CodecSettings() and cache.schema's per-array shuffle
 FORMAT1 = "zstd1 bitshuffle (format 1's default)"
 CODECS: dict[str, dict | None] = {
     DEFAULT: {},  # the array's own blosc configuration (filled in by `measure`)

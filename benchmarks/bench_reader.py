@@ -7,7 +7,7 @@ reader plus the conversion to tensors: what a DataLoader worker runs), by zarr-p
 arrays) and from .npy memory maps of the same arrays (the limit: no decoding at all). The store is also
 re-encoded with other codecs (same arrays, written by `cache.encoder`) to show what the codec costs.
 
-    python tests/benchmarks/bench_reader.py [--profile cpu|seed|quick]
+    python benchmarks/bench_reader.py [--profile cpu|seed|quick]
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ import numpy as np
 
 from bench_precompute import precompute_store
 from benchlib import PROFILES, SPLIT, Section, Table, Target, run_section, subset_store
-from cache.config import CodecConfig
-from cache.encoder import ShardedArrayWriter
-from cache.reader import StoreReader, ZarrArrayReader
-from cache.schema import (
+from kdcache.cache.schema import CodecSettings
+from kdcache.cache.encoder import ShardedArrayWriter
+from kdcache.cache.reader import StoreReader, ZarrArrayReader
+from kdcache.cache.schema import (
     TEACHERS, TOKENS, create_teacher_split, mark_shard_complete, num_shards, open_store, shard_range,
     teacher_array_specs,
 )
-from precompute.targets import precompute_targets
-from student.distill import DistillDataset, KDPlan
+from kdcache.precompute.targets import precompute_targets
+from kdcache.student.distill import DistillDataset, KDPlan
 
 TARGET = 1.45e6  # tokens/s per worker
 BATCH = 32
@@ -39,10 +39,10 @@ ARRAYS = ["topk_logits", "topk_ids", "lse"]
 DEFAULT = "lz4hc5, shuffle per array, sorted_key_delta, vocab_rank (default)"
 # name -> (codec, store format whose layout the teacher arrays take: 1 = float16 logits, ids as they are, raw lse;
 # 2 = ids as they are; 3 = as now)
-RECODED = {"zstd1 bitshuffle, float16 logits, raw lse (format 1's default)": (CodecConfig("zstd", 1, "bitshuffle"), 1),
-           "lz4hc5, shuffle per array, sorted_key_delta, ids as they are (format 2's default)": (CodecConfig(), 2),
-           "zstd1 byte shuffle, sorted_key_delta, vocab_rank (smallest)": (CodecConfig("zstd", 1, "shuffle"), 3),
-           "no Blosc": (CodecConfig(cname="none"), 3)}
+RECODED = {"zstd1 bitshuffle, float16 logits, raw lse (format 1's default)": (CodecSettings("zstd", 1, "bitshuffle"), 1),
+           "lz4hc5, shuffle per array, sorted_key_delta, ids as they are (format 2's default)": (CodecSettings(), 2),
+           "zstd1 byte shuffle, sorted_key_delta, vocab_rank (smallest)": (CodecSettings("zstd", 1, "shuffle"), 3),
+           "no Blosc": (CodecSettings(cname="none"), 3)}
 SECONDS = 1.5  # per reader: enough batches to time, few enough to stay quick
 
 
@@ -70,7 +70,7 @@ def npy_copies(store: str, keys: dict[str, str], workdir: Path) -> dict[str, np.
     return maps
 
 
-def recode(store: str, teachers: list[str], dst: Path, codec: CodecConfig, layout: int) -> str:
+def recode(store: str, teachers: list[str], dst: Path, codec: CodecSettings, layout: int) -> str:
     """The same tokens and tail-loss arrays in a new store whose teacher arrays use `codec`, laid out as store
     format `layout` did."""
     src = open_store(store)

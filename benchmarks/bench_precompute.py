@@ -5,7 +5,7 @@ marks) runs over a store of synthetic tokens; `forward_only_throughput` runs the
 tokens with the same batch and autocast and nothing else. Both alternate `repeats` times after a warm-up
 precompute (which also pays for torch.compile of the fused logsumexp on CUDA); medians are compared.
 
-    python tests/benchmarks/bench_precompute.py [--profile cpu|seed|quick]
+    python benchmarks/bench_precompute.py [--profile cpu|seed|quick]
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from benchlib import (
     PROFILES, SPLIT, Profile, Section, Table, Target, bench_config, run_section, save_random_teacher,
     synthetic_store, time_calls,
 )
-from cache.config import Config
-from cache.schema import open_store, read_tokens
-from precompute.targets import forward, forward_only_throughput, precompute_targets, topk_targets
-from student.model import count_parameters
+from kdcache.config import Config
+from kdcache.cache.schema import open_store, read_tokens
+from kdcache.precompute.targets import forward, forward_only_throughput, precompute_targets, topk_targets
+from kdcache.student.model import count_parameters
 
 TARGET = 0.90
 

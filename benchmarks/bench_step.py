@@ -10,7 +10,7 @@ the top-k, logsumexp and samples of random logits, made by precompute's own func
 batch it waits in (pinned) host memory, so every step pays its copy to the device as training does. Peak memory is
 torch.cuda.max_memory_allocated; a CPU has no comparable figure for torch, so it reads n/a there.
 
-    python tests/benchmarks/bench_step.py [--profile cpu|seed|quick]
+    python benchmarks/bench_step.py [--profile cpu|seed|quick]
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import torch
 from torch import Tensor
 
 from benchlib import PROFILES, SPECIAL_IDS, Profile, Section, Table, Target, run_section, time_interleaved
-from cache.config import TrainConfig
-from precompute.targets import sample_counts, topk_targets
-from student.distill import HiddenPair, KDPlan, make_kd_loss, make_online_loss
-from student.losses import HiddenProjections, uniform_layer_mapping
-from student.model import build_model
-from student.train import Dist, LossModule, MetricSums, accumulate_gradients, lm_loss, make_optimizer
+from kdcache.config import TrainConfig
+from kdcache.precompute.targets import sample_counts, topk_targets
+from kdcache.student.distill import HiddenPair, KDPlan, make_kd_loss, make_online_loss
+from kdcache.student.losses import HiddenProjections, uniform_layer_mapping
+from kdcache.student.model import build_model
+from kdcache.student.train import Dist, LossModule, MetricSums, accumulate_gradients, lm_loss, make_optimizer
 
 TEMPERATURE = 2.0
 HARD_WEIGHT = 0.5

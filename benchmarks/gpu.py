@@ -6,7 +6,7 @@ into the `gpu` block of docs/benchmarks.md) and benchmarks-gpu.json to --out (de
 Sized to finish within a few minutes including imports: 2048 synthetic sequences to precompute, 10 timed
 student steps per variant. `--quick` (tiny shapes; on a CPU with `--device cpu`) proves the script end to end.
 
-    python tests/benchmarks/gpu.py [--quick] [--device cuda|cpu] [--out DIR]
+    python benchmarks/gpu.py [--quick] [--device cuda|cpu] [--out DIR]
 """
 
 from __future__ import annotations

@@ -22,12 +22,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cache.config import CacheConfig, CodecConfig, Config, DataConfig, ModelConfig, TeacherConfig, TokenizerConfig
-from cache.schema import TOKENS, create_store, open_store, vocab_order_attr, write_tokens
-from precompute.targets import synchronize
-from student.model import build_model
+from kdcache.cache.schema import CodecSettings
+from kdcache.config import CacheConfig, Config, DataConfig, ModelConfig, TeacherConfig, TokenizerConfig
+from kdcache.cache.schema import TOKENS, create_store, open_store, vocab_order_attr, write_tokens
+from kdcache.precompute.targets import synchronize
+from kdcache.student.model import build_model
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SPECIAL_IDS = {"pad": 0, "bos": 1, "eos": 2}
 SPLIT = "train"
 
@@ -305,7 +306,7 @@ def synthetic_store(path: Path, vocab: int, seq_len: int, n: int, per_shard: int
     root = create_store(str(path), {"seq_len": seq_len, "vocab_size": vocab, "tokenizer_sha256": "synthetic",
                                     "special_ids": SPECIAL_IDS})
     tokens = np.random.default_rng(seed).integers(3, vocab, (n, seq_len))
-    write_tokens(root, SPLIT, tokens, per_shard, CodecConfig(), vocab)
+    write_tokens(root, SPLIT, tokens, per_shard, CodecSettings(), vocab)
     return str(path)
 
 
@@ -317,7 +318,7 @@ def subset_store(source: str, path: Path, n: int, per_shard: int) -> str:
     attrs = {key: src.attrs[key] for key in ("seq_len", "vocab_size", "tokenizer_sha256", "special_ids")}
     root = create_store(str(path), attrs)
     tokens = src[f"{TOKENS}/{SPLIT}"]
-    write_tokens(root, SPLIT, tokens[:n], per_shard, CodecConfig(), attrs["vocab_size"])
+    write_tokens(root, SPLIT, tokens[:n], per_shard, CodecSettings(), attrs["vocab_size"])
     if tokens.dtype == np.uint16:
         root[f"{TOKENS}/{SPLIT}"].attrs["vocab_order"] = (tokens.attrs.get("vocab_order")
                                                          or vocab_order_attr(tokens[...], attrs["vocab_size"]))

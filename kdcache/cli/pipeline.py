@@ -1,0 +1,167 @@
+"""The pipeline's commands: `kdcache data | teachers | precompute | distill | eval | export`.
+
+Each command loads its config and calls one stage function, imported inside the command so that the store's
+commands never pay for torch. Errors are KdcacheErrors, printed by the group (kdcache.cli) as one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kdcache.cli.command import command
+from kdcache.config import load_config, run_paths
+
+config_option = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                             help="Run config (YAML).")
+runs_root_option = click.option("--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False),
+                                help="Directory holding runs/<name>/.")
+
+
+@command("data")
+@config_option
+@runs_root_option
+@click.option("--overwrite", is_flag=True, help="Replace a store that already holds teacher targets.")
+def data(config_path: str, runs_root: str, overwrite: bool) -> None:
+    """Clean the corpus, train the tokenizer and write token sequences to runs/<name>/cache.zarr."""
+    from kdcache.precompute.data import data_summary, prepare_data
+
+    click.echo(data_summary(prepare_data(load_config(config_path), runs_root, overwrite)))
+
+
+@command("teachers")
+@config_option
+@runs_root_option
+@click.option("--teacher", "names", multiple=True, help="Train only this teacher (repeatable; default: all).")
+@click.option("--resume", is_flag=True, help="Continue from each teacher's last checkpoint, if any.")
+def teachers(config_path: str, runs_root: str, names: tuple[str, ...], resume: bool) -> None:
+    """Train the config's teachers on tokens/train; each lands in runs/<name>/teachers/<teacher>/model."""
+    from kdcache.runtime import init_distributed
+    from kdcache.student.train import train_teacher
+
+    main = init_distributed().main
+    cfg = load_config(config_path)
+    for teacher in [cfg.teacher(n) for n in names] if names else cfg.teachers:
+        if teacher.pretrained:
+            message = f"{teacher.name}: pretrained ({teacher.pretrained}), not trained"
+        else:
+            message = f"{teacher.name}: saved {train_teacher(cfg, teacher, runs_root, resume)}"
+        if main:
+            click.echo(message)
+
+
+@command("precompute")
+@config_option
+@runs_root_option
+@click.option("--store", default=None, help="Store path or fsspec URL [default: <runs-root>/<name>/cache.zarr].")
+@click.option("--overwrite", is_flag=True, help="Recompute the selected teachers' groups from scratch.")
+@click.option("--teacher", "teachers", multiple=True, help="Only this teacher (repeatable).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--writers", type=click.IntRange(min=1), default=None,
+              help="Threads compressing shards per rank [default: 1 on CPU, up to 8 on CUDA].")
+def precompute(config_path: str, runs_root: str, store: str | None, overwrite: bool, teachers: tuple[str, ...],
+               device: str, writers: int | None) -> None:
+    """Cache the teachers' top-k logits, logsumexps, samples and hidden states for every token split."""
+    from kdcache.precompute.targets import precompute_targets
+
+    stats = precompute_targets(load_config(config_path), runs_root, overwrite, teachers, device, store, writers)
+    click.echo(f"rank {stats.rank}: {stats.shards_written} shards written, {stats.shards_skipped} already complete; "
+               f"{stats.positions} positions in {stats.seconds:.1f} s ({stats.tokens_per_s:,.0f}/s, "
+               f"{stats.writer_wait_s:.1f} s waiting for the writer)")
+
+
+@command("distill")
+@config_option
+@runs_root_option
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint, if any.")
+@click.option("--baseline", is_flag=True, help="Also train the same student without distillation (runs/<name>/baseline).")
+@click.option("--online", is_flag=True, help="Instead: the online baseline, teachers in memory, dense KL (runs/<name>/online).")
+def distill(config_path: str, runs_root: str, resume: bool, baseline: bool, online: bool) -> None:
+    """Train the student on hard labels + KL to every cached teacher (+ hidden alignment); no teacher is loaded."""
+    from kdcache.runtime import init_distributed
+    from kdcache.student.distill import distill as run_distill
+
+    main = init_distributed().main
+    cfg = load_config(config_path)
+    out = run_distill(cfg, runs_root, resume=resume, online=online)
+    if main:
+        click.echo(f"student: saved {out}")
+    if baseline and not online:
+        out = run_distill(cfg, runs_root, resume=resume, baseline=True)
+        if main:
+            click.echo(f"baseline (no distillation): saved {out}")
+
+
+@command("eval")
+@click.argument("model_dirs", nargs=-1)
+@click.option("--config", "config_path", help="Run config: its store, pair directories, and (without MODEL_DIRS) its models.")
+@runs_root_option
+@click.option("--store", help="Store whose tokens/dev gives the held-out loss (default: the config's).")
+@click.option("--pairs", "pair_dirs", multiple=True, help="Directory of BLiMP-format *.jsonl files (repeatable).")
+@click.option("--json", "json_out", help="Write the report of the (one) model here.")
+@click.option("--batch-size", type=int, help="Sequences per forward pass (default: the config's eval.batch_size, else 64).")
+def evaluate(model_dirs: tuple[str, ...], config_path: str | None, runs_root: str, store: str | None,
+             pair_dirs: tuple[str, ...], json_out: str | None, batch_size: int | None) -> None:
+    """Held-out loss and minimal-pair accuracy of MODEL_DIRS (default: every teacher and student of --config).
+
+    With --config each report goes to runs/<name>/eval/<model>.json; the table compares all models side by side.
+    """
+    from kdcache.files import atomic_write
+    from kdcache.student.evaluate import EvalError, compare, evaluate_model, model_name, run_models
+
+    cfg = load_config(config_path) if config_path else None
+    if not model_dirs and cfg is None:
+        raise click.UsageError("give MODEL_DIRS or --config")
+    if model_dirs:
+        models = {model_name(d): d for d in model_dirs}
+    else:
+        models = run_models(cfg, runs_root)
+        for name in [name for name, path in models.items() if not Path(path).is_dir()]:
+            click.echo(f"{name}: no model at {models.pop(name)}, skipped")
+    if len(models) < len(model_dirs):
+        raise click.UsageError("two MODEL_DIRS share a name; reports are named after the model directory")
+    if not models:
+        raise EvalError(f"{config_path}: no trained models to evaluate yet")
+    if json_out and len(models) > 1:
+        raise click.UsageError("--json takes one model; with --config the reports go to runs/<name>/eval/")
+    if cfg is not None:
+        store = store or str(run_paths(cfg, runs_root).store)
+        pair_dirs = (*cfg.eval.minimal_pair_dirs, *pair_dirs)
+        batch_size = batch_size or cfg.eval.batch_size
+    reports = {}
+    for name, source in models.items():
+        click.echo(f"evaluating {name} ({source})")
+        reports[name] = report = evaluate_model(source, store=store, pair_dirs=list(pair_dirs),
+                                                batch_size=batch_size or 64)
+        for directory, result in report["minimal_pairs"].items():
+            click.echo(f"  {directory}: {result['pairs']:,} pairs, {result['pairs_per_s']:,.0f} pairs/s")
+        document = json.dumps(report, indent=2) + "\n"
+        if cfg is not None:
+            atomic_write(run_paths(cfg, runs_root).eval / f"{name}.json", document)
+        if json_out:
+            atomic_write(json_out, document)
+    click.echo(compare(reports))
+
+
+@command("export")
+@click.argument("source")
+@click.argument("out")
+@click.option("--tokenizer", "tokenizer_dir",
+              help="Tokenizer directory (default: SOURCE's own, or the one a checkpoint was trained with).")
+def export(source: str, out: str, tokenizer_dir: str | None) -> None:
+    """Export SOURCE (a model directory or a training checkpoint .pt) to OUT as a Hugging Face directory."""
+    from kdcache.student.export import export_model, load_model_dir
+    from kdcache.student.train import model_from_checkpoint
+
+    if Path(source).is_dir():
+        model = load_model_dir(source)
+        tokenizer_dir = tokenizer_dir or source
+    else:
+        model, ckpt = model_from_checkpoint(source)
+        tokenizer_dir = tokenizer_dir or ckpt["tokenizer_dir"]
+    click.echo(f"wrote {export_model(model, tokenizer_dir, out)}")
+
+
+COMMANDS = [data, teachers, precompute, distill, evaluate, export]
