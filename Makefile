@@ -12,7 +12,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 LAUNCH ?=
 RUNPY = $(if $(LAUNCH),$(LAUNCH) -m kdcache.cli,$(KD))
 
-.PHONY: setup data teachers cache distill eval test bench clean
+.PHONY: setup data teachers cache distill eval study test bench clean
 .DELETE_ON_ERROR:
 
 setup: $(VENV)/.installed
@@ -45,6 +45,10 @@ $(RUN)/.distill.done: $(RUN)/.cache.done
 
 eval: $(RUN)/.distill.done
 	$(KD) eval --config $(CONFIG)
+
+# Several students from one cache, each study variant over several seeds: runs/<name>/study/study.md
+study: $(RUN)/.cache.done
+	$(RUNPY) study --config $(CONFIG)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -2,7 +2,7 @@
 H200 trains the 58M student at).
 
 One process, one thread, batches of 32 random sequences: tokens plus what the tail loss reads of two teachers
-(topk_logits, topk_ids, lse). Read by `cache.reader.StoreReader`, by `student.distill.DistillDataset` (the
+(topk_logits, topk_ids, lse). Read by `cache.reader.StoreReader`, by `student.kd.DistillDataset` (the
 reader plus the conversion to tensors: what a DataLoader worker runs), by zarr-python (`oindex` on the same
 arrays) and from .npy memory maps of the same arrays (the limit: no decoding at all). The store is also
 re-encoded with other codecs (same arrays, written by `cache.encoder`) to show what the codec costs.
@@ -30,8 +30,8 @@ from kdcache.cache.schema import (
     TEACHERS, TOKENS, create_teacher_split, mark_shard_complete, num_shards, open_store, shard_range,
     teacher_array_specs,
 )
-from kdcache.precompute.targets import precompute_targets
-from kdcache.student.distill import DistillDataset, KDPlan
+from kdcache.precompute.run import precompute_targets
+from kdcache.student.kd import DistillDataset, KDPlan
 
 TARGET = 1.45e6  # tokens/s per worker
 BATCH = 32
@@ -99,7 +99,7 @@ def recode(store: str, teachers: list[str], dst: Path, codec: CodecSettings, lay
 
 def readers(store: str, teachers: list[str]) -> dict[str, Callable[[np.ndarray], object]]:
     reader = StoreReader(store, teachers=teachers, arrays={t: ARRAYS for t in teachers}, split=SPLIT)
-    plan = KDPlan({t: 0.25 for t in teachers}, "tail", 2.0, {t: 1 for t in teachers}, (), 0.0, "mse")
+    plan = KDPlan({t: 0.25 for t in teachers}, "tail", 0.5, 2.0, {t: 1 for t in teachers})
     dataset = DistillDataset(store, SPLIT, plan, {})
     return {"cache.reader StoreReader.batch": reader.batch,
             "DistillDataset.__getitems__ (reader + tensors)": lambda idx: dataset.__getitems__(idx.tolist())}

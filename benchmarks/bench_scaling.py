@@ -21,7 +21,7 @@ from benchlib import (
 from bench_store import disk_nbytes
 from kdcache.config import ModelConfig
 from kdcache.cache.schema import TEACHERS, TOKENS
-from kdcache.precompute.targets import PrecomputeStats, precompute_targets
+from kdcache.precompute.run import PrecomputeStats, precompute_targets
 
 SIZES = (8, 80, 800)
 ROUNDS = 3

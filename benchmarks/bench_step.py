@@ -4,7 +4,7 @@ Targets (GPU): offline / plain step time <= 1.10 and peak memory <= 1.05; online
 
 The step is the trainer's: `LossModule` + `accumulate_gradients` (bf16 autocast on CUDA) + gradient clipping +
 fused AdamW, with the loss built as `kdcache distill` builds it (`student.distill.make_kd_loss` over a `KDPlan`,
-`make_online_loss` with both teachers in memory, `student.train.lm_loss`). The batch has
+`student.online.make_online_loss` with both teachers in memory, `student.lm.lm_loss`). The batch has
 the dtypes `DistillDataset` yields (float16 logits, int32 ids and counts, float32 lse); its teacher targets are
 the top-k, logsumexp and samples of random logits, made by precompute's own functions; like a DataLoader's
 batch it waits in (pinned) host memory, so every step pays its copy to the device as training does. Peak memory is
@@ -26,10 +26,15 @@ from torch import Tensor
 from benchlib import PROFILES, SPECIAL_IDS, Profile, Section, Table, Target, run_section, time_interleaved
 from kdcache.config import TrainConfig
 from kdcache.precompute.targets import sample_counts, topk_targets
-from kdcache.student.distill import HiddenPair, KDPlan, make_kd_loss, make_online_loss
-from kdcache.student.losses import HiddenProjections, uniform_layer_mapping
+from kdcache.student.distill import make_kd_loss
+from kdcache.student.kd import KDPlan
+from kdcache.student.kd.hidden import HiddenAlignment, HiddenPair, uniform_layer_mapping
 from kdcache.student.model import build_model
-from kdcache.student.train import Dist, LossModule, MetricSums, accumulate_gradients, lm_loss, make_optimizer
+from kdcache.runtime import Dist
+from kdcache.student.lm import lm_loss
+from kdcache.student.loop import LossModule, accumulate_gradients, make_optimizer
+from kdcache.student.metrics import MetricSums
+from kdcache.student.online import make_online_loss
 
 TEMPERATURE = 2.0
 HARD_WEIGHT = 0.5
@@ -65,7 +70,7 @@ def kd_plan(profile: Profile, form: str, hidden: bool) -> KDPlan:
         [(student_layer, layer)] = uniform_layer_mapping(profile.student.num_layers, [profile.hidden_teacher_layer],
                                                          first.num_layers)
         pairs = (HiddenPair(student_layer, teachers[0], layer, first.hidden_size, quantized=False),)
-    return KDPlan({t: 0.25 for t in teachers}, form, TEMPERATURE, {t: 0 for t in teachers}, pairs,
+    return KDPlan({t: 0.25 for t in teachers}, form, HARD_WEIGHT, TEMPERATURE, {t: 0 for t in teachers}, pairs,
                   0.1 if hidden else 0.0, "mse")
 
 
@@ -129,9 +134,10 @@ def variants(profile: Profile, device: torch.device) -> list[tuple[str, dict[str
             wanted = {"input_ids", *(f"{t}/{a}" for t, arrays in plan.arrays().items() for a in arrays)}
 
             def make(plan: KDPlan = plan) -> tuple[Callable, torch.nn.Module | None]:
-                pairs = [(p.student_layer, p.teacher, p.teacher_layer, p.teacher_dim) for p in plan.hidden]
-                projections = HiddenProjections(profile.student.hidden_size, pairs) if pairs else None
-                return make_kd_loss(plan, HARD_WEIGHT, projections), projections
+                if not plan.hidden:
+                    return make_kd_loss(plan, None), None
+                hidden_term = HiddenAlignment(plan.hidden, plan.hidden_kind, profile.student.hidden_size)
+                return make_kd_loss(plan, hidden_term), hidden_term.projections
 
             out.append((f"offline {form}" + (" + hidden" if hidden else ""),
                         {key: value for key, value in full.items() if key in wanted}, make))

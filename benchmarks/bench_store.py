@@ -33,9 +33,11 @@ from kdcache.cache.encoder import encode_shard
 from kdcache.cache.reader import parse_layout
 from kdcache.cache.schema import TEACHERS, StoreError, num_shards, open_store, shard_range
 from kdcache.precompute.data import prepare_data
-from kdcache.precompute.targets import precompute_targets
+from kdcache.precompute.run import precompute_targets
 from kdcache.student.model import build_model, count_parameters
-from kdcache.student.train import TokenDataset, lm_loss, train
+from kdcache.student.data import TokenDataset
+from kdcache.student.lm import lm_loss
+from kdcache.student.loop import train
 
 TARGET = 150.0  # bytes per position, top-64 (logits + ids + lse)
 DEFAULT = "default: lz4hc5, shuffle per array"  # as stored: CodecSettings() and cache.schema's per-array shuffle

@@ -25,7 +25,6 @@ import torch
 from kdcache.cache.schema import CodecSettings
 from kdcache.config import CacheConfig, Config, DataConfig, ModelConfig, TeacherConfig, TokenizerConfig
 from kdcache.cache.schema import TOKENS, create_store, open_store, vocab_order_attr, write_tokens
-from kdcache.precompute.targets import synchronize
 from kdcache.student.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,6 +265,13 @@ def _git_commit() -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Timing.
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): what a wall-clock timing needs around it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, reps: int, device: str) -> dict[str, list[float]]:

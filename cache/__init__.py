@@ -1,8 +1,9 @@
 """kdcache.cache: the store format and nothing else: schema, codecs, shard layout, encoder, reader, verify, inspect.
 
-`schema` defines the layout (spec: docs/cache-format.md); `encoder` writes whole shards and `reader` reads them
-through memory maps for training; `verify` checks integrity; `inspect`/`stats` summarise a store; `upgrade`
-converts an older format in place. Nothing here imports torch, a teacher or a student.
+`schema` defines the groups and arrays (spec: docs/cache-format.md); `layout` parses a sharded array's zarr.json
+for `encoder`, which writes whole shards, and `reader`, which reads them through memory maps for training;
+`verify` checks integrity; `inspect`/`stats` summarise a store; `upgrade` converts an older format in place.
+Nothing here imports torch, click, a teacher or a student.
 """
 
 if __name__ != "kdcache.cache":  # the repository root on sys.path would load this folder a second time as `cache`

@@ -15,7 +15,7 @@ which bitshuffle + lz4 store in fewer bytes (84 -> 72 B per top-64 row of a teac
 Values outside the order (>= its length) stay as they are, so every uint16 round-trips.
 
 Both are registered with zarr-python on import (and through the `zarr.codecs` entry point, so plain
-zarr-python reads a kdcache store when kdcache is installed); `cache.encoder` and `cache.reader` call the same
+zarr-python reads a kdcache store when kdcache is installed); `kdcache.cache.encoder` and `.reader` call the same
 `encode_array` / `decode_array` on whole shards and batches.
 """
 

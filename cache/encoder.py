@@ -1,24 +1,21 @@
-"""Whole shards encoded and written directly: the write-side twin of `cache.reader`.
+"""Whole shards encoded and written directly: the write-side twin of `kdcache.cache.reader`.
 
 `zarr_array[rows] = values` on one shard spends ~0.1-0.3 ms of GIL-holding Python per inner chunk (100-250 ms
 for a shard of 32k positions), while the Zarr v3 sharding layout is simple to produce: every inner chunk (one
-sequence) goes through the inner codec chain - the kdcache transform where the array has one (cache.codecs),
-`bytes` (the stored byte order), Blosc configured as zarr's BloscCodec configures numcodecs, a little-endian
-crc32c appended - the chunks follow each other in order (the Morton order of a [per_shard, 1, ...] chunk grid
-is plain order), and the index of (offset, nbytes) uint64 pairs plus its crc32c ends (or starts) the shard.
-The bytes are zarr-python's own, as written with write_empty_chunks=True (the schema's setting): every chunk
-of the shard's sequences is stored, and the index entries past the last sequence of a short last shard hold
-the empty sentinel (tests/test_encoder.py).
+sequence) goes through the inner codec chain - the kdcache transform where the array has one
+(kdcache.cache.codecs), `bytes` (the stored byte order), Blosc configured as zarr's BloscCodec configures
+numcodecs, a little-endian crc32c appended - the chunks follow each other in order (the Morton order of a
+[per_shard, 1, ...] chunk grid is plain order), and the index of (offset, nbytes) uint64 pairs plus its crc32c
+ends (or starts) the shard. The bytes are zarr-python's own, as written with write_empty_chunks=True (the
+schema's setting): every chunk of the shard's sequences is stored, and the index entries past the last
+sequence of a short last shard hold the empty sentinel (tests/test_encoder.py).
 
 Blosc releases the GIL, so with a thread pool runs of chunks encode in parallel.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from concurrent.futures import Executor
-from pathlib import Path
 
 import google_crc32c
 import numcodecs
@@ -26,7 +23,7 @@ import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from kdcache.cache.reader import CRC_BYTES, EMPTY, ShardLayout, layout_from_json, local_path, parse_layout
+from kdcache.cache.layout import CRC_BYTES, EMPTY, ShardLayout, layout_from_json, local_path, parse_layout
 from kdcache.cache.schema import StoreError, num_shards, open_store, shard_range
 from kdcache.files import atomic_write
 
@@ -79,11 +76,6 @@ def encode_shard(layout: ShardLayout, values: np.ndarray, pool: Executor | None 
     return b"".join([*chunks, index_bytes] if layout.index_at_end else [index_bytes, *chunks])
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, then rename: a reader never sees half a shard."""
-    atomic_write(path, data)
-
-
 class ShardedArrayWriter:
     """Whole shards of one sharded [N, L, ...] array of a store: a local path or file:// URL is written as files,
     any other fsspec URL through zarr's store (same bytes). `pool`: threads that encode chunks in parallel."""
@@ -113,6 +105,6 @@ class ShardedArrayWriter:
         data = encode_shard(self.layout, values, self.pool)
         key = self.layout.shard_key(shard)
         if self._store_path is None:
-            write_file(self._dir / key, data)
+            atomic_write(self._dir / key, data)  # a reader never sees half a shard
         else:
             sync((self._store_path / key).set(default_buffer_prototype().buffer.from_bytes(data)))

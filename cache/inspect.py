@@ -1,42 +1,26 @@
-"""`kdcache inspect | show | stats | verify | plot`: look at a store's soft targets before training on them.
+"""What a store holds, for people: the metadata summary, one position's soft targets, and their text tables.
 
-`inspect` reads metadata only (attributes, array shapes, completion records, file sizes), so it is instant
-on any store size. `show` decodes one position; `stats` and `plot` read a seeded sample of sequences
-(cache.stats). Nothing here imports torch. Every command takes `--json`; errors are one line and exit 1.
+`summarize` reads metadata only (attributes, array shapes, completion records, file sizes), so it is instant
+on any store size; `soft_target_entry` decodes one position; the sampled statistics are computed by
+`kdcache.cache.stats`. The `*_text` functions lay each document out as aligned tables (`kdcache inspect |
+show | stats`). Nothing here imports torch or click.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import click
 import numpy as np
 import zarr
 
 from kdcache.cache import stats as st
-from kdcache.cache.reader import local_path
-from kdcache.cache.schema import TEACHERS, TOKENS, StoreError, completed_shards, open_store, sha256_file, splits, teacher_names
+from kdcache.cache.layout import dir_bytes, local_path
+from kdcache.cache.schema import TEACHERS, TOKENS, StoreError, completed_shards, sha256_file, splits, teacher_names
 
 # ---------------------------------------------------------------------------------------------------------------
 # Store access and metadata
-
-
-
-def dir_bytes(path: str | Path) -> int:
-    """Bytes of every file under `path` (scandir only: no data is read)."""
-    total = 0
-    with os.scandir(path) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                total += dir_bytes(entry.path)
-            elif entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_size
-    return total
 
 
 def codec_chain(array: zarr.Array) -> str:
@@ -137,9 +121,10 @@ def check_teachers(root: zarr.Group, wanted: tuple[str, ...]) -> list[str]:
 # Tokens as text
 
 
-def load_tokenizer(store: str, explicit: str | None, want_sha: str | None) -> Any:
-    """The store's tokenizer: `--tokenizer` (must match the store's sha256) or the run's sibling `tokenizer/` dir
-    (skipped with a warning when it does not match); None when there is none, so ids are shown instead."""
+def load_tokenizer(store: str, explicit: str | None, want_sha: str | None) -> tuple[Any, str | None]:
+    """The store's tokenizer and a warning for the user, if any. The tokenizer is `explicit` (it must match the
+    store's sha256) or the run's sibling `tokenizer/` dir (skipped with the warning when it does not match);
+    None when there is none, so ids are shown instead."""
     from tokenizers import Tokenizer
 
     if explicit:
@@ -150,14 +135,13 @@ def load_tokenizer(store: str, explicit: str | None, want_sha: str | None) -> An
         store_dir = local_path(store)
         path = store_dir.resolve().parent / "tokenizer" / "tokenizer.json" if store_dir else None
         if path is None or not path.is_file():
-            return None
+            return None, None
     if want_sha and sha256_file(path) != want_sha:
         message = f"{path}: not the store's tokenizer (sha256 differs from the store's tokenizer_sha256)"
         if explicit:
             raise StoreError(message)
-        click.echo(f"warning: {message}; showing token ids", err=True)
-        return None
-    return Tokenizer.from_file(str(path))
+        return None, f"{message}; showing token ids"
+    return Tokenizer.from_file(str(path)), None
 
 
 def decode(tokenizer: Any, ids: Sequence[int] | np.ndarray) -> str:
@@ -170,6 +154,49 @@ def token_text(tokenizer: Any, token_id: int) -> str:
     """One token as text; a token holding part of a UTF-8 character shows as its vocabulary entry instead."""
     text = decode(tokenizer, [token_id])
     return tokenizer.id_to_token(int(token_id)) if "\ufffd" in text and tokenizer is not None else text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One position
+
+
+def soft_target_entry(targets: st.Targets, temperature: float, top: int, tokenizer: Any) -> dict:
+    """One teacher's soft targets at one position: its `top` most probable tokens at `temperature`, the mass
+    of its whole top-k and the tail mass (None when `temperature` is not cached)."""
+    p, tail = st.soft_targets(targets, temperature)
+    ids = targets.ids[:top]
+    return {
+        "k": targets.ids.shape[-1],
+        "temperatures": targets.temperatures,
+        "exact": tail is not None,
+        "ids": ids.tolist(),
+        "tokens": [token_text(tokenizer, i) for i in ids],
+        "probs": p[:top].tolist(),
+        "topk_mass": float(p.sum()),
+        "tail_mass": None if tail is None else float(tail),
+    }
+
+
+def position_document(root: zarr.Group, store: str, split: str, seq: int, pos: int, teachers: list[str],
+                      temperature: float, top: int, tokenizer: Any) -> dict:
+    """What `show` prints: the context up to position `pos` of sequence `seq`, the true next token and each
+    teacher's soft targets there (`soft_target_entry`)."""
+    tokens = root[f"{TOKENS}/{split}"]
+    n, length = tokens.shape
+    row = tokens[seq]
+    # position L-1 predicts the first token of the next sequence: sequences are consecutive cuts of one stream
+    next_id = int(row[pos + 1]) if pos + 1 < length else (int(tokens[seq + 1, 0]) if seq + 1 < n else None)
+    return {
+        "store": store, "split": split, "seq": seq, "pos": pos, "temperature": temperature,
+        "context": decode(tokenizer, row[: pos + 1]),
+        "context_ids": row[: pos + 1].tolist(),
+        "next_token": None if next_id is None else token_text(tokenizer, next_id),
+        "next_token_id": next_id,
+        "teachers": {
+            name: soft_target_entry(st.read_targets(root, name, split, seq).position(pos), temperature, top, tokenizer)
+            for name in teachers
+        },
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,10 +228,6 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(
         "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip() for row in cells
     )
-
-
-def emit(as_json: bool, document: dict, human: Callable[[dict], str]) -> None:
-    click.echo(json.dumps(document, indent=2) if as_json else human(document))
 
 
 def inspect_text(s: dict) -> str:

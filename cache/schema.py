@@ -1,7 +1,7 @@
 """The store schema: every group, array, dtype, chunking, codec and attribute of a kdcache store.
 
 This is the one module that knows the layout (spec: docs/cache-format.md). Writers
-(`precompute/`) create arrays through it; readers (`student/`, `cache.reader`, the CLI)
+(`precompute/`) create arrays through it; readers (`student/`, `kdcache.cache.reader`, the CLI)
 open and check stores through it.
 
     cache.zarr/                       root attrs: format_version, seq_len, vocab_size, tokenizer_sha256, ...
@@ -37,6 +37,8 @@ from kdcache.errors import KdcacheError
 TOKENS = "tokens"
 TEACHERS = "teachers"
 COMPLETE = "complete"
+ENSEMBLE = "ensemble"  # the teacher group holding the top-k of the teachers' mean logits (cache.ensemble)
+MAX_SAMPLES = int(np.iinfo(np.uint16).max)  # sampled draws per position: sample_counts are uint16
 
 # Teacher attributes outside its settings digest: where the weights live and which kdcache wrote them do not
 # change the targets.

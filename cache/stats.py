@@ -8,7 +8,6 @@ only the top-k renormalised among themselves is known.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
@@ -53,7 +52,7 @@ def soft_targets(t: Targets, temperature: float) -> tuple[np.ndarray, np.ndarray
         return p / p.sum(-1, keepdims=True), None
     p = np.exp(logits - t.lse[..., index : index + 1])
     mass = p.sum(-1, keepdims=True)
-    # float16 logits against a float32 lse can overshoot 1 when the tail is tiny (as in student.losses)
+    # float16 logits against a float32 lse can overshoot 1 when the tail is tiny (the KD losses clamp it too)
     p = p / np.maximum(mass, 1.0)
     tail = np.clip(1.0 - mass[..., 0], 0.0, None)
     if t.logits.shape[-1] >= t.vocab_size:

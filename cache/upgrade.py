@@ -21,19 +21,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import zarr
 
 from kdcache.cache import FORMAT_VERSION, UPGRADABLE_VERSION
 from kdcache.cache.codecs import VOCAB_RANK, VocabRankCodec
-from kdcache.cache.encoder import encode_shard, write_file
-from kdcache.cache.inspect import dir_bytes
-from kdcache.cache.reader import ShardedArrayReader, layout_from_json, local_path
+from kdcache.cache.encoder import encode_shard
+from kdcache.cache.layout import dir_bytes, layout_from_json, local_path
+from kdcache.cache.reader import ShardedArrayReader
 from kdcache.cache.schema import (
     TEACHERS, TOKENS, StoreError, completed_shards, ids_dtype, open_store, settings_digest, shard_range, splits,
     teacher_names, vocab_order_attr,
 )
+from kdcache.files import atomic_write
 
 PENDING, REPLACED = ".upgrading", ".replaced"  # suffixes of an array being written, and of the one it replaces
 
@@ -106,7 +106,7 @@ def _rank_ids(array_dir: Path, order_base64: str, complete: np.ndarray, report: 
     layout = layout_from_json(text, str(pending / "zarr.json"))
     for shard in np.flatnonzero(complete):
         rows = shard_range(int(shard), layout.shape[0], layout.per_shard)
-        write_file(pending / layout.shard_key(int(shard)), encode_shard(layout, old.read_sequences(rows)))
+        atomic_write(pending / layout.shard_key(int(shard)), encode_shard(layout, old.read_sequences(rows)))
     (pending / "zarr.json").write_text(text)  # last: until then the directory is no array to zarr
     report.arrays += 1
     report.bytes_before += dir_bytes(array_dir)

@@ -3,9 +3,9 @@
 Checked: every shard file of every complete shard is present with a valid index checksum and every inner chunk
 decodes to the right size (chunk bytes carry a checksum only when the inner codec chain ends in crc32c; without
 one, most flipped bytes in a compressed chunk decode silently to other values); shapes and dtypes against
-`cache.schema`; completeness; NaN/inf in float arrays; ids inside the vocabulary; top-k sorted descending; sample
-counts summing to `samples`; and the attributes that tie it together (format version, tokenizer, token digests,
-`k`, temperatures).
+`kdcache.cache.schema`; completeness; NaN/inf in float arrays; ids inside the vocabulary; top-k sorted
+descending; sample counts summing to `samples`; and the attributes that tie it together (format version,
+tokenizer, token digests, `k`, temperatures).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import numpy as np
 import zarr
 
 from kdcache.cache import FORMAT_VERSION
-from kdcache.cache.reader import ShardedArrayReader, local_path
+from kdcache.cache.layout import local_path
+from kdcache.cache.reader import ShardedArrayReader
 from kdcache.cache.schema import (
     COMPLETE, TEACHERS, TOKENS, ArraySpec, StoreError, completed_shards, ids_dtype, num_shards, open_store,
     read_tokens, shard_range, splits, teacher_array_specs, teacher_names, token_digest,

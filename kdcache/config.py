@@ -1,10 +1,10 @@
 """Run configuration: one YAML file per run, loaded into dataclasses and validated.
 
-Every section is a dataclass; `load_config` checks unknown keys, types, literals and required
-keys, and names the file and the dotted key in every error. `${VAR}` and `${VAR:-default}` in
-strings are expanded from the environment (so `BABYLM_DIR` can point at the corpus); a non-string
-value written whole as `${VAR:-default}` is expanded and then read as a YAML scalar (so
-`max_steps: ${KD_TEACHER_MAX_STEPS:-null}` is an int or None).
+Every section is a dataclass (the schema, here); `load_config` builds them through kdcache.typed_yaml, which
+checks unknown keys (suggesting the closest), types, literals and required keys, names the file and the dotted
+key in every error, and expands `${VAR}` / `${VAR:-default}` from the environment (so `BABYLM_DIR` can point
+at the corpus; `max_steps: "${KD_TEACHER_MAX_STEPS:-null}"` is an int or None). `_validate` then checks what
+no single type can: sizes, cross-references between sections.
 """
 
 from __future__ import annotations
@@ -12,20 +12,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from kdcache.cache.schema import CodecSettings
-from kdcache.errors import KdcacheError
-
-
-class ConfigError(KdcacheError):
-    """A config file that cannot be used; the message names the file and key."""
+from kdcache.cache.schema import MAX_SAMPLES, CodecSettings
+from kdcache.typed_yaml import ConfigError, build
 
 
 @dataclass
@@ -84,6 +78,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 200
     log_every: int = 10
+    eval_every: int = 0  # dev cross-entropy every this many steps and after the last (0: off)
     compile: bool = False
     num_workers: int = 0
 
@@ -125,7 +120,7 @@ class DistillConfig:
     hard_weight: float = 0.5
     teacher_weights: dict[str, float] = field(default_factory=dict)  # name -> weight; empty = 0.25 each
     temperature: float = 2.0
-    form: Literal["tail", "renorm", "sampled", "seed_exact"] = "tail"
+    form: str = "tail"  # a registered KD form (kdcache.student.kd): tail | renorm | sampled | seed_exact
     hidden: HiddenLossConfig = field(default_factory=HiddenLossConfig)
 
 
@@ -133,6 +128,23 @@ class DistillConfig:
 class EvalConfig:
     minimal_pair_dirs: list[str] = field(default_factory=list)  # directories of BLiMP-format jsonl files
     batch_size: int = 64
+
+
+@dataclass
+class VariantConfig:
+    """One kind of student in a study, as a partial override of the run's `distill:` and `student_train:`."""
+
+    kind: Literal["kd", "baseline", "online"] = "kd"  # baseline: CE only; online: teachers in memory, dense KL
+    distill: dict[str, Any] = field(default_factory=dict)
+    student_train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyConfig:
+    """`kdcache study`: every variant trained once per seed (a seed sets the student's init and data order)."""
+
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    variants: dict[str, VariantConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,7 +160,8 @@ class Config:
     student_train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    source_path: str = ""  # set by load_config; not read from YAML
+    study: StudyConfig = field(default_factory=StudyConfig)
+    source_path: str = field(default="", metadata={"yaml": False})  # set by load_config
 
     def run_dir(self, root: str | os.PathLike = "runs") -> Path:
         return Path(root) / self.name
@@ -163,81 +176,26 @@ class Config:
         """Per-teacher KL weights: explicit, else the seed recipe's 0.25 each."""
         return dict(self.distill.teacher_weights) or {t.name: 0.25 for t in self.teachers}
 
+    def variant(self, name: str, seed: int) -> Config:
+        """The run config of one study student: the variant's overrides applied, the seed set, validated."""
+        if name not in self.study.variants:
+            raise ConfigError(f"{self.source_path}: no study variant {name!r} (have {list(self.study.variants)})")
+        v, where = self.study.variants[name], f"study.variants.{name}"
+        try:
+            cfg = dataclasses.replace(
+                self, seed=seed,
+                distill=build(DistillConfig, _merged(dataclasses.asdict(self.distill), v.distill), f"{where}.distill"),
+                student_train=build(TrainConfig, _merged(dataclasses.asdict(self.student_train), v.student_train),
+                                    f"{where}.student_train"))
+            _validate(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{self.source_path}: {where}: {str(e).removeprefix(self.source_path + ': ')}") from None
+        return cfg
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source_path")
         return d
-
-
-_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
-
-
-def _expand_env(text: str, where: str) -> str:
-    def repl(m: re.Match) -> str:
-        value = os.environ.get(m.group(1), m.group(2))
-        if value is None:
-            raise ConfigError(f"{where}: environment variable {m.group(1)} is not set")
-        return value
-
-    return _ENV.sub(repl, text)
-
-
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against the type hint `hint`, converting where YAML is loose (int -> float)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if isinstance(value, str) and str not in (hint, *args) and _ENV.fullmatch(value.strip()):
-        value = yaml.safe_load(_expand_env(value, where))
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is str and isinstance(value, str):
-        return _expand_env(value, where)
-    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source_path"}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            kwargs[f.name] = _convert(data[f.name], hints[f.name], f"{where}.{f.name}" if where else f.name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {f.name!r}")
-    return cls(**kwargs)
 
 
 def _validate(cfg: Config) -> None:
@@ -260,8 +218,13 @@ def _validate(cfg: Config) -> None:
         (all(t.model.max_position >= cfg.data.seq_len for t in cfg.teachers),
          "every teacher's model.max_position must be >= data.seq_len"),
         (cfg.distill.form != "sampled" or cfg.cache.samples > 0, "distill.form 'sampled' needs cache.samples > 0"),
-        (0 <= cfg.cache.samples <= 65535, "cache.samples must be in [0, 65535] (counts are stored as uint16)"),
+        (0 <= cfg.cache.samples <= MAX_SAMPLES,
+         f"cache.samples must be in [0, {MAX_SAMPLES}] (counts are stored as uint16)"),
         (cfg.distill.form != "seed_exact" or cfg.cache.ensemble, "distill.form 'seed_exact' needs cache.ensemble: true"),
+        (cfg.distill.form != "sampled" or cfg.distill.temperature == cfg.cache.sample_temperature,
+         f"distill.temperature {cfg.distill.temperature} != cache.sample_temperature {cfg.cache.sample_temperature}: "
+         "form 'sampled' trains on draws made at cache.sample_temperature, so the two must agree"),
+        (len(set(cfg.study.seeds)) == len(cfg.study.seeds), "study.seeds must be distinct"),
     ]
     names = {t.name for t in cfg.teachers}
     for key in list(cfg.cache.hidden_layers) + list(cfg.distill.teacher_weights):
@@ -283,12 +246,22 @@ def load_config(path: str | os.PathLike) -> Config:
     if data is None:
         raise ConfigError(f"{path}: config file is empty")
     try:
-        cfg = _build(Config, data, "")
+        cfg = build(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {str(e).lstrip(': ')}") from None
     cfg.source_path = str(path)
     _validate(cfg)
+    for name in cfg.study.variants:
+        cfg.variant(name, cfg.seed)  # every variant is checked now, not hours into a study
     return cfg
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override`'s keys replaced, recursively into nested mappings."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 @dataclass(frozen=True)
@@ -332,6 +305,10 @@ class RunPaths:
     @property
     def online(self) -> Path:  # the same student distilled with the teachers in memory
         return self.root / "online"
+
+    @property
+    def study(self) -> Path:  # `kdcache study`: <variant>/seed<seed>/ per student, study.{json,md,png}
+        return self.root / "study"
 
     @property
     def eval(self) -> Path:

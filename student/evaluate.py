@@ -19,10 +19,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdcache.cache.schema import StoreError, tokenizer_sha256
 from kdcache.config import Config, run_paths
-from kdcache.student.export import check_vocab, load_model_dir, load_tokenizer
-from kdcache.student.model import count_parameters
-from kdcache.student.train import TokenDataset, next_token_ce
 from kdcache.errors import KdcacheError
+from kdcache.runtime import resolve_device
+from kdcache.student.data import TokenDataset
+from kdcache.student.export import check_vocab, load_model_dir, load_tokenizer
+from kdcache.student.lm import next_token_ce
+from kdcache.student.model import count_parameters
 
 CONVENTION = "2024: prefix [bos], continuation ' ' + sentence, sum of log-probs, tie = right, mean over paradigms"
 Pair = tuple[str, str]
@@ -32,16 +34,12 @@ class EvalError(KdcacheError):
     """A model or pair file that cannot be evaluated; the message names the file (and line)."""
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_model(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model directory with its own tokenizer, in float32 and eval mode on the best device."""
     model = load_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)
     check_vocab(tokenizer, model.config.vocab_size, model_dir)
-    return model.to(device()).eval(), tokenizer
+    return model.to(resolve_device()).eval(), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------

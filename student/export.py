@@ -7,12 +7,12 @@ loads): what the official BabyLM evaluation pipelines need.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
 from kdcache.errors import KdcacheError
 from kdcache.files import staged
 

@@ -20,7 +20,8 @@ from kdcache.cache.codecs import (
 )
 from kdcache.cache.schema import CodecSettings
 from kdcache.cache.encoder import ShardedArrayWriter
-from kdcache.cache.reader import ShardedArrayReader, parse_layout
+from kdcache.cache.layout import parse_layout
+from kdcache.cache.reader import ShardedArrayReader
 from kdcache.cache.schema import (
     ArraySpec, StoreError, create_sharded_array, create_store, create_teacher_split, teacher_array_specs, write_tokens,
 )

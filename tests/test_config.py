@@ -42,7 +42,6 @@ def write(tmp_path, text):
     [
         ("name: x\nbogus: 1\n", "unknown key 'bogus'"),
         ("name: x\ndata: {seq_len: sixty}\n", "data.seq_len: expected int"),
-        ("name: x\ndistill: {form: magic}\n", "distill.form: 'magic' is not one of"),
         ("seed: 1\n", "missing required key 'name'"),
         ("name: x\nteachers: [{name: a, model: {hidden: 3}}]\n", "teachers[0].model: unknown key 'hidden'"),
         ("name: x\ncache: {temperatures: [2.0]}\n", "must include 1.0"),
@@ -82,3 +81,18 @@ def test_env_in_a_non_string_value_is_read_as_yaml(tmp_path, monkeypatch):
     monkeypatch.setenv("KD_TEST_STEPS", "forty")
     with pytest.raises(ConfigError, match=r"teachers\[0\].train.max_steps: expected int"):
         load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: x\ndistill: {form: magic}\n", "distill.form: 'magic' is not one of ['renorm', 'sampled', 'seed_exact', 'tail']"),
+    ("name: x\nstudy: {variants: {v: {distill: {form: tial}}}}\n", "study.variants.v.distill.form: 'tial' is not one of"),
+])
+def test_an_unknown_kd_form_is_refused_when_the_cli_loads_the_config(tmp_path, text, expected):
+    """The forms' registry lives in the student stage, which the config may not import: the commands check it."""
+    from kdcache.cli.pipeline import load_run_config
+
+    path = write(tmp_path, text)
+    load_config(path)  # the schema alone accepts any name ...
+    with pytest.raises(ConfigError) as err:  # ... every pipeline command refuses it before any work
+        load_run_config(str(path))
+    assert str(path) in str(err.value) and expected in str(err.value)

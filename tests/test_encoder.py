@@ -15,7 +15,8 @@ from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec
 
 from kdcache.cache.schema import CodecSettings
 from kdcache.cache.encoder import TASK_CHUNKS, ShardedArrayWriter, encode_shard
-from kdcache.cache.reader import EMPTY, ShardedArrayReader, parse_layout
+from kdcache.cache.layout import EMPTY, parse_layout
+from kdcache.cache.reader import ShardedArrayReader
 from kdcache.cache.codecs import SORTED_KEY_DELTA, VOCAB_RANK, VocabRankCodec
 from kdcache.cache.schema import ArraySpec, create_sharded_array, create_store, num_shards, shard_range
 

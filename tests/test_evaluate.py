@@ -22,7 +22,8 @@ from kdcache.student.evaluate import (
 )
 from kdcache.student.export import export_model
 from kdcache.student.model import build_model
-from kdcache.student.train import TokenDataset, next_token_ce
+from kdcache.student.data import TokenDataset
+from kdcache.student.lm import next_token_ce
 
 LINES = blimp_lines(paradigms=20, per_paradigm=40)
 LONG = 128  # BLiMP sentences need more than the store's 16 positions

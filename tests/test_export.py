@@ -16,7 +16,9 @@ from helpers_train import SPECIAL_IDS, TINY_GPT2, TINY_LLAMA, VOCAB, blimp_lines
 from kdcache.cli.pipeline import export
 from kdcache.student.export import ExportError, export_model
 from kdcache.student.model import build_model
-from kdcache.student.train import TokenDataset, lm_loss, train
+from kdcache.student.data import TokenDataset
+from kdcache.student.lm import lm_loss
+from kdcache.student.loop import train
 
 LINES = blimp_lines(paradigms=6, per_paradigm=30)
 TEXT = " The cat saw a dog.\nWho should Derek hug?"

@@ -217,6 +217,12 @@ def test_inspect_never_imports_torch_or_matplotlib():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
 
 
+def test_the_store_package_never_imports_click():
+    modules = ", ".join(f"kdcache.cache.{m.stem}" for m in sorted((REPO / "cache").glob("*.py")) if m.stem != "__init__")
+    code = f"import sys, {modules}; assert 'click' not in sys.modules, 'click imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+
+
 def test_inspect_subprocess(built):
     proc = subprocess_cli("inspect", built.store, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -284,6 +290,18 @@ def test_show_without_tokenizer_prints_ids(built, tmp_path):
     assert d["teachers"]["alpha"]["tokens"] == [f"#{i}" for i in d["teachers"]["alpha"]["ids"]]
     decoded = run_json("show", bare, "--seq", 0, "--pos", 2, "--tokenizer", built.store.parent / "tokenizer")
     assert decoded["context"] == built.tokenizer.decode(built.tokens["train"][0, :3].tolist())
+
+
+def test_show_warns_and_prints_ids_beside_another_tokenizer(built, tmp_path):
+    store = tmp_path / "cache.zarr"
+    shutil.copytree(built.store, store)
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text("{}")  # not the store's tokenizer: ids instead
+    result = CliRunner().invoke(main, ["show", str(store), "--seq", "0", "--pos", "2", "--teacher", "alpha", "--json"])
+    assert result.exit_code == 0, result.output
+    warning = f"warning: {tmp_path / 'tokenizer' / 'tokenizer.json'}: not the store's tokenizer"
+    assert result.stderr.startswith(warning) and result.stderr.rstrip().endswith("; showing token ids")
+    assert json.loads(result.stdout)["context"] == " ".join(f"#{i}" for i in built.tokens["train"][0, :3])
 
 
 # ---------------------------------------------------------------------------------------------------------------

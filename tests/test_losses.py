@@ -5,19 +5,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcache.student.losses import (
-    HiddenProjections,
-    TeacherTargets,
-    dense_kl,
-    distillation_loss,
-    hard_cross_entropy,
-    hidden_alignment_loss,
-    renormalized_topk_kl,
-    sampled_kl,
-    seed_exact_kd,
-    tail_bucket_kl,
-    uniform_layer_mapping,
+from kdcache.cache.schema import ENSEMBLE
+from kdcache.errors import KdcacheError
+from kdcache.student.kd import KDForm, KDLoss, KDPlan, Targets, TeacherTargets, distillation_loss, kd_form
+from kdcache.student.kd import form as form_module
+from kdcache.student.kd.hidden import (
+    HiddenAlignment, HiddenPair, HiddenProjections, hidden_alignment_loss, uniform_layer_mapping,
 )
+from kdcache.student.kd.renorm import renormalized_topk_kl
+from kdcache.student.kd.sampled import sampled_kl
+from kdcache.student.kd.tail import tail_bucket_kl
+from kdcache.student.lm import next_token_ce
+from kdcache.student.online import dense_kl
 
 TEMPERATURES = [0.5, 1.0, 2.0, 4.0]
 
@@ -175,6 +174,16 @@ def test_sampled_targets_are_unbiased():
     torch.testing.assert_close(student.grad, dense_grad, atol=0.03, rtol=0)
 
 
+def seed_exact_kd(student_logits, topk_logits, topk_ids, teacher_lse, temperature, chunk_positions):
+    """The seed_exact form's KD term alone (hard_weight 0), as `kdcache distill` computes it from its plan."""
+    B, L, _ = student_logits.shape
+    plan = KDPlan(kd_form("seed_exact").groups({}, 0.0, L), "seed_exact", 0.0, temperature, {ENSEMBLE: 0})
+    batch = {"input_ids": torch.zeros(B, L, dtype=torch.long), f"{ENSEMBLE}/topk_logits": topk_logits,
+             f"{ENSEMBLE}/topk_ids": topk_ids, f"{ENSEMBLE}/lse": teacher_lse}
+    total, _ = KDLoss(plan, chunk_positions)(student_logits, batch)
+    return total
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_seed_exact_kd_equals_babyllama_dense_kl_divloss(temperature):
     B, L, V = 3, 5, 32
@@ -203,25 +212,19 @@ def _batch(B: int, L: int, V: int, temperature: float):
     p = torch.softmax(_teacher_logits((B * L, V), seed=23) / temperature, -1)
     smp_i, smp_c = (a.view(B, L, -1) for a in _draw_samples(p, 6, seed=24))
     teachers = [
-        TeacherTargets("big", 0.7, "tail", tail_v, tail_i, tail_lse),
-        TeacherTargets("mid", 0.5, "renorm", ren_v, ren_i),
-        TeacherTargets("rs", 1.3, "sampled", sample_ids=smp_i, sample_counts=smp_c),
+        TeacherTargets("big", 0.7, kd_form("tail"), {"topk_logits": tail_v, "topk_ids": tail_i, "lse": tail_lse}),
+        TeacherTargets("mid", 0.5, kd_form("renorm"), {"topk_logits": ren_v, "topk_ids": ren_i}),
+        TeacherTargets("rs", 1.3, kd_form("sampled"), {"sample_ids": smp_i, "sample_counts": smp_c}),
     ]
     logits = torch.randn(B, L, V, generator=_gen(25)) * 2
     return logits, input_ids, teachers
 
 
 def _unchunked(logits, input_ids, teachers, hard_weight, temperature):
-    """The same total written with the autograd definitions."""
-    terms = {"hard_ce": hard_cross_entropy(logits, input_ids)}
+    """The same total written with the autograd definitions (each form's `kl`)."""
+    terms = {"hard_ce": next_token_ce(logits, input_ids)}
     for t in teachers:
-        if t.form == "tail":
-            kl = tail_bucket_kl(logits, t.topk_logits, t.topk_ids, t.lse, temperature)
-        elif t.form == "renorm":
-            kl = renormalized_topk_kl(logits, t.topk_logits, t.topk_ids, temperature)
-        else:
-            kl = sampled_kl(logits, t.sample_ids, t.sample_counts, temperature)
-        terms[f"kl/{t.name}"] = kl.mean()
+        terms[f"kl/{t.name}"] = t.form.kl(logits, t.arrays, temperature).mean()
     total = hard_weight * terms["hard_ce"] + sum(t.weight * terms[f"kl/{t.name}"] for t in teachers)
     return total, terms
 
@@ -306,18 +309,19 @@ def test_uniform_layer_mapping():
     assert uniform_layer_mapping(6, [3, 5], 12) == [(2, 3), (3, 5)]  # 1.5 -> 2, 2.5 -> 3: halves round up
 
 
-def test_hard_cross_entropy_shifts_labels():
+def test_next_token_ce_shifts_labels():
     logits = torch.randn(2, 4, 9, generator=_gen(40))
     input_ids = torch.randint(0, 9, (2, 4), generator=_gen(41))
     log_q = torch.log_softmax(logits.double(), -1)
     want = -torch.stack([log_q[b, j, input_ids[b, j + 1]] for b in range(2) for j in range(3)]).mean()
-    torch.testing.assert_close(hard_cross_entropy(logits, input_ids).double(), want)
+    torch.testing.assert_close(next_token_ce(logits, input_ids).double(), want)
 
 
 def test_distillation_loss_rejects_a_teacher_without_its_arrays():
     logits, input_ids, _ = _batch(1, 3, 10, 1.0)
+    teacher = TeacherTargets("t", 1.0, kd_form("tail"), {"topk_ids": input_ids})
     with pytest.raises(ValueError, match="needs"):
-        distillation_loss(logits, input_ids, [TeacherTargets("t", 1.0, "tail", topk_ids=input_ids)], 0.0, 1.0)
+        distillation_loss(logits, input_ids, [teacher], 0.0, 1.0)
 
 
 def test_dense_kl_equals_tail_bucket_with_full_support():
@@ -328,3 +332,81 @@ def test_dense_kl_equals_tail_bucket_with_full_support():
     vals, ids = t.topk(40, dim=-1)
     lse = torch.logsumexp(t / T, dim=-1)
     assert torch.allclose(dense_kl(s, t, T), tail_bucket_kl(s, vals, ids, lse, T), atol=1e-5)
+
+
+def test_the_registry_maps_config_form_names_to_forms():
+    assert {name: type(kd_form(name)).name for name in ("tail", "renorm", "sampled", "seed_exact")} == {
+        "tail": "tail", "renorm": "renorm", "sampled": "sampled", "seed_exact": "seed_exact"}
+    with pytest.raises(KdcacheError, match="unknown distillation form 'dense'.*renorm, sampled, seed_exact, tail"):
+        kd_form("dense")
+
+
+def test_each_form_declares_the_arrays_its_plan_reads():
+    pairs = (HiddenPair(1, "a", 2, 8, quantized=False), HiddenPair(2, "c", 4, 8, quantized=True))
+    arrays = {form: KDPlan({"a": 0.5, "b": 0.5}, form, 0.5, 2.0, {"a": 0, "b": 0}, pairs).arrays()
+              for form in ("tail", "renorm", "sampled")}
+    assert arrays["tail"] == {"a": ["topk_logits", "topk_ids", "lse", "hidden_2"],
+                              "b": ["topk_logits", "topk_ids", "lse"], "c": ["hidden_4", "hidden_4_scale"]}
+    assert arrays["renorm"]["b"] == ["topk_logits", "topk_ids"]
+    assert arrays["sampled"]["b"] == ["sample_ids", "sample_counts"]
+
+
+def test_seed_exact_distils_from_the_ensemble_weighted_like_babyllama():
+    """BabyLlama: (1 - alpha) · KLDivLoss(batchmean) = (1 - alpha) · L · per-position mean KL; teachers unused."""
+    assert kd_form("seed_exact").groups({"a": 0.25, "b": 0.25}, 0.5, 128) == {ENSEMBLE: 64.0}
+    assert kd_form("tail").groups({"a": 0.25, "b": 0.0}, 0.5, 128) == {"a": 0.25}
+
+
+def test_kd_loss_reads_a_dataset_batch_by_the_plan():
+    logits, input_ids, teachers = _batch(2, 5, 30, 2.0)
+    tail = teachers[0]
+    batch = {"input_ids": input_ids, **{f"big/{key}": value for key, value in tail.arrays.items()}}
+    plan = KDPlan({"big": tail.weight}, "tail", 0.3, 2.0, {"big": 0})
+
+    got, terms = KDLoss(plan, chunk_positions=4)(logits, batch)
+
+    want, want_terms = distillation_loss(logits, input_ids, [tail], 0.3, 2.0)
+    assert torch.equal(got, want) and terms.keys() == want_terms.keys()
+
+
+class _ArgmaxForm(KDForm):
+    """A form of the test's own: all the teacher's mass on its top-1 id."""
+
+    name = "argmax"
+    arrays = ("topk_ids",)
+
+    def targets(self, arrays, vocab_size, temperature):
+        ids = arrays["topk_ids"][..., :1]
+        return Targets(ids, torch.ones(ids.shape), torch.zeros(ids.shape), None)
+
+    def kl(self, student_logits, arrays, temperature):
+        log_q = torch.log_softmax(student_logits.float() / temperature, -1)
+        return -log_q.gather(-1, arrays["topk_ids"][..., :1].long()).squeeze(-1) * temperature**2
+
+
+def test_a_new_form_is_one_class_and_one_registry_line(monkeypatch):
+    monkeypatch.setattr(form_module, "_FORMS", dict(form_module._FORMS))
+    form_module.register_kd_form(_ArgmaxForm)
+    logits, input_ids, teachers = _batch(2, 4, 20, 1.0)
+    batch = {"input_ids": input_ids, "t/topk_ids": teachers[0].arrays["topk_ids"]}
+    plan = KDPlan({"t": 1.0}, "argmax", 0.0, 1.0, {})
+    assert plan.arrays() == {"t": ["topk_ids"]}
+
+    leaf = logits.clone().requires_grad_()
+    got, _ = KDLoss(plan, chunk_positions=3)(leaf, batch)
+    got.backward()
+    ref = logits.clone().requires_grad_()
+    want = kd_form("argmax").kl(ref, {"topk_ids": batch["t/topk_ids"]}, 1.0).mean()
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+def test_int8_hidden_targets_are_dequantized_as_stored_values_times_scale():
+    values = torch.randint(-127, 128, (2, 3, 4), generator=_gen(50)).to(torch.int8)
+    scale = torch.rand(2, 3, generator=_gen(51)).half()
+    batch = {"t/hidden_1": values, "t/hidden_1_scale": scale, "u/hidden_2": values.half()}
+    got = HiddenAlignment.target(batch, HiddenPair(1, "t", 1, 4, quantized=True))
+    assert got.dtype == torch.float16
+    assert torch.equal(got, (values.float() * scale.float().unsqueeze(-1)).half())
+    assert HiddenAlignment.target(batch, HiddenPair(1, "u", 2, 4, quantized=False)) is batch["u/hidden_2"]

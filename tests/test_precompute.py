@@ -29,7 +29,8 @@ from kdcache.cache.reader import ShardedArrayReader
 from kdcache.cache.schema import (
     COMPLETE, StoreError, completed_shards, create_store, open_store, read_tokens, tokenizer_sha256, write_tokens,
 )
-from kdcache.precompute.targets import logsumexps, logsumexps_by_rows, precompute_targets, sample_counts
+from kdcache.precompute.run import precompute_targets
+from kdcache.precompute.targets import logsumexps, logsumexps_by_rows, sample_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, PER_SHARD = 16, 4

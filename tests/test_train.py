@@ -22,7 +22,13 @@ from kdcache.cache.schema import StoreError
 from helpers_train import SPECIAL_IDS, TINY_GPT2, TINY_LLAMA, VOCAB, blimp_lines, make_run, make_store, make_tokenizer, tiny_train
 from kdcache.cli.pipeline import teachers
 from kdcache.student.model import build_model
-from kdcache.student.train import METRICS, Dist, StepBatches, TokenDataset, TrainError, lm_loss, train
+from kdcache.runtime import Dist
+from kdcache.student.checkpoint import TrainError
+from kdcache.student.data import StepBatches, TokenDataset
+from kdcache.student.evaluate import dev_loss
+from kdcache.student.lm import lm_loss
+from kdcache.student.loop import train
+from kdcache.student.metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = blimp_lines(paradigms=10, per_paradigm=40)
@@ -187,3 +193,21 @@ def test_teachers_command_errors_are_one_clear_line(tmp_path):
     assert f"Error: {cfg.source_path}: no teacher named 'nope'" in result.output
     result = CliRunner().invoke(teachers, ["--config", cfg.source_path, "--runs-root", str(tmp_path / "elsewhere")])
     assert result.exit_code == 1 and "elsewhere" in result.output and "not a kdcache store" in result.output
+
+
+def test_dev_cross_entropy_is_logged_every_eval_every_steps_without_changing_the_run(data, tmp_path):
+    store, tokenizer = data
+    plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
+    run(data, plain, cfg=tiny_train(max_steps=7))
+    torch.manual_seed(0)
+    model = build_model(TINY_LLAMA, VOCAB, SPECIAL_IDS, attn_implementation="eager")
+    trained = train(model, Subset(TokenDataset(store, "train"), range(40)), tiny_train(max_steps=7, eval_every=3),
+                    evaluated, lm_loss, seed=5, resume=False, fingerprint={"model": dataclasses.asdict(TINY_LLAMA)},
+                    tokenizer_dir=tokenizer, dev=TokenDataset(store, "dev"))
+    records = metrics(evaluated)
+    dev = [r for r in records if "dev_ce" in r]
+    assert [r["step"] for r in dev] == [3, 6, 7]  # every 3 steps and after the last
+    assert dev[-1]["dev_ce"] == pytest.approx(dev_loss(trained.eval(), TokenDataset(store, "dev"), 8)["ce"], abs=1e-6)
+    def trajectory(records):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records if "dev_ce" not in r]
+    assert trajectory(records) == trajectory(metrics(plain))  # measuring the dev loss changes nothing

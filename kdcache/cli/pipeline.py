@@ -7,12 +7,27 @@ commands never pay for torch. Errors are KdcacheErrors, printed by the group (kd
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
 
 from kdcache.cli.command import command
-from kdcache.config import load_config, run_paths
+from kdcache.config import Config, ConfigError, load_config, run_paths
+
+def load_run_config(path: str) -> Config:
+    """`load_config`, plus the one check the config cannot make itself (it may not import the student stage):
+    `distill.form`, the run's and every study variant's, names a registered KD form."""
+    from kdcache.student.kd import known_forms
+
+    cfg = load_config(path)
+    forms = {"distill.form": cfg.distill.form} | {f"study.variants.{name}.distill.form": cfg.variant(name, cfg.seed).distill.form
+                                                  for name in cfg.study.variants}
+    for key, form in forms.items():
+        if form not in known_forms():
+            raise ConfigError(f"{path}: {key}: {form!r} is not one of {known_forms()}")
+    return cfg
+
 
 config_option = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
                              help="Run config (YAML).")
@@ -28,7 +43,7 @@ def data(config_path: str, runs_root: str, overwrite: bool) -> None:
     """Clean the corpus, train the tokenizer and write token sequences to runs/<name>/cache.zarr."""
     from kdcache.precompute.data import data_summary, prepare_data
 
-    click.echo(data_summary(prepare_data(load_config(config_path), runs_root, overwrite)))
+    click.echo(data_summary(prepare_data(load_run_config(config_path), runs_root, overwrite)))
 
 
 @command("teachers")
@@ -39,10 +54,10 @@ def data(config_path: str, runs_root: str, overwrite: bool) -> None:
 def teachers(config_path: str, runs_root: str, names: tuple[str, ...], resume: bool) -> None:
     """Train the config's teachers on tokens/train; each lands in runs/<name>/teachers/<teacher>/model."""
     from kdcache.runtime import init_distributed
-    from kdcache.student.train import train_teacher
+    from kdcache.precompute.teacher_training import train_teacher
 
     main = init_distributed().main
-    cfg = load_config(config_path)
+    cfg = load_run_config(config_path)
     for teacher in [cfg.teacher(n) for n in names] if names else cfg.teachers:
         if teacher.pretrained:
             message = f"{teacher.name}: pretrained ({teacher.pretrained}), not trained"
@@ -64,9 +79,9 @@ def teachers(config_path: str, runs_root: str, names: tuple[str, ...], resume: b
 def precompute(config_path: str, runs_root: str, store: str | None, overwrite: bool, teachers: tuple[str, ...],
                device: str, writers: int | None) -> None:
     """Cache the teachers' top-k logits, logsumexps, samples and hidden states for every token split."""
-    from kdcache.precompute.targets import precompute_targets
+    from kdcache.precompute.run import precompute_targets
 
-    stats = precompute_targets(load_config(config_path), runs_root, overwrite, teachers, device, store, writers)
+    stats = precompute_targets(load_run_config(config_path), runs_root, overwrite, teachers, device, store, writers)
     click.echo(f"rank {stats.rank}: {stats.shards_written} shards written, {stats.shards_skipped} already complete; "
                f"{stats.positions} positions in {stats.seconds:.1f} s ({stats.tokens_per_s:,.0f}/s, "
                f"{stats.writer_wait_s:.1f} s waiting for the writer)")
@@ -84,7 +99,7 @@ def distill(config_path: str, runs_root: str, resume: bool, baseline: bool, onli
     from kdcache.student.distill import distill as run_distill
 
     main = init_distributed().main
-    cfg = load_config(config_path)
+    cfg = load_run_config(config_path)
     out = run_distill(cfg, runs_root, resume=resume, online=online)
     if main:
         click.echo(f"student: saved {out}")
@@ -111,7 +126,7 @@ def evaluate(model_dirs: tuple[str, ...], config_path: str | None, runs_root: st
     from kdcache.files import atomic_write
     from kdcache.student.evaluate import EvalError, compare, evaluate_model, model_name, run_models
 
-    cfg = load_config(config_path) if config_path else None
+    cfg = load_run_config(config_path) if config_path else None
     if not model_dirs and cfg is None:
         raise click.UsageError("give MODEL_DIRS or --config")
     if model_dirs:
@@ -153,7 +168,7 @@ def evaluate(model_dirs: tuple[str, ...], config_path: str | None, runs_root: st
 def export(source: str, out: str, tokenizer_dir: str | None) -> None:
     """Export SOURCE (a model directory or a training checkpoint .pt) to OUT as a Hugging Face directory."""
     from kdcache.student.export import export_model, load_model_dir
-    from kdcache.student.train import model_from_checkpoint
+    from kdcache.student.checkpoint import model_from_checkpoint
 
     if Path(source).is_dir():
         model = load_model_dir(source)
@@ -164,4 +179,25 @@ def export(source: str, out: str, tokenizer_dir: str | None) -> None:
     click.echo(f"wrote {export_model(model, tokenizer_dir, out)}")
 
 
-COMMANDS = [data, teachers, precompute, distill, evaluate, export]
+@command("study")
+@config_option
+@runs_root_option
+def study(config_path: str, runs_root: str) -> None:
+    """Train the config's study variants over its seeds from one cache; write runs/<name>/study/study.{md,json,png}.
+
+    Finished runs are skipped and interrupted ones resume, so a rerun only writes the report again.
+    """
+    from kdcache.runtime import init_distributed
+    from kdcache.study.run import run_study, write_study
+
+    main = init_distributed().main
+    cfg = load_run_config(config_path)
+    if not cfg.study.variants:
+        raise ConfigError(f"{config_path}: the config has no study.variants")
+    start = time.perf_counter()
+    results = run_study(cfg, runs_root, click.echo if main else lambda _: None)
+    if main:
+        click.echo(f"wrote {write_study(cfg, results, runs_root, time.perf_counter() - start)}")
+
+
+COMMANDS = [data, teachers, precompute, distill, evaluate, export, study]

@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import click
 
-from kdcache.cli.command import command
-from kdcache.cache import stats as st
 from kdcache.cache import FORMAT_VERSION
+from kdcache.cache import stats as st
 from kdcache.cache.inspect import (
-    check_split, check_teachers, decode, emit, inspect_text, load_tokenizer, show_text, stats_text, summarize,
-    token_text,
+    check_split, check_teachers, inspect_text, load_tokenizer, position_document, show_text, stats_text, summarize,
 )
 from kdcache.cache.schema import TOKENS, StoreError, open_store
 from kdcache.cache.upgrade import upgrade_store
+from kdcache.cli.command import command
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
 
 
+def emit(as_json: bool, document: dict, human: Callable[[dict], str]) -> None:
+    """Print `document` as JSON (--json) or as `human` lays it out."""
+    click.echo(json.dumps(document, indent=2) if as_json else human(document))
+
+
 def sample_options(command: Callable) -> Callable:
+    """The options `stats` and `plot` share: which sequences and teachers to sample."""
     for option in reversed([
         click.option("--sample", default=200, show_default=True, help="Sequences to read (seeded random sample)."),
         click.option("--seed", default=0, show_default=True),
@@ -38,21 +43,6 @@ def sample_options(command: Callable) -> Callable:
 def inspect(store: str, as_json: bool) -> None:
     """Summary of STORE from metadata only: splits, teachers, completion, bytes on disk."""
     emit(as_json, summarize(open_store(store), store), inspect_text)
-
-
-def soft_target_entry(targets: st.Targets, temperature: float, top: int, tokenizer: Any) -> dict:
-    p, tail = st.soft_targets(targets, temperature)
-    ids = targets.ids[:top]
-    return {
-        "k": targets.ids.shape[-1],
-        "temperatures": targets.temperatures,
-        "exact": tail is not None,
-        "ids": ids.tolist(),
-        "tokens": [token_text(tokenizer, i) for i in ids],
-        "probs": p[:top].tolist(),
-        "topk_mass": float(p.sum()),
-        "tail_mass": None if tail is None else float(tail),
-    }
 
 
 @command()
@@ -83,21 +73,10 @@ def show(store: str, seq: int, pos: int | None, teachers: tuple[str, ...], tempe
     for name in names:
         if not st.complete_sequences(root, name, split)[seq]:
             raise StoreError(f"{store}: teacher {name!r} has not finished the shard holding {split} sequence {seq}")
-    tokenizer = load_tokenizer(store, tokenizer_dir, root.attrs.get("tokenizer_sha256"))
-    row = tokens[seq]
-    # position L-1 predicts the first token of the next sequence: sequences are consecutive cuts of one stream
-    next_id = int(row[pos + 1]) if pos + 1 < length else (int(tokens[seq + 1, 0]) if seq + 1 < n else None)
-    document = {
-        "store": store, "split": split, "seq": seq, "pos": pos, "temperature": temperature,
-        "context": decode(tokenizer, row[: pos + 1]),
-        "context_ids": row[: pos + 1].tolist(),
-        "next_token": None if next_id is None else token_text(tokenizer, next_id),
-        "next_token_id": next_id,
-        "teachers": {
-            name: soft_target_entry(st.read_targets(root, name, split, seq).position(pos), temperature, top, tokenizer)
-            for name in names
-        },
-    }
+    tokenizer, warning = load_tokenizer(store, tokenizer_dir, root.attrs.get("tokenizer_sha256"))
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+    document = position_document(root, store, split, seq, pos, names, temperature, top, tokenizer)
     emit(as_json, document, show_text)
 
 
@@ -111,6 +90,7 @@ def stats(store: str, sample: int, seed: int, split: str, teachers: tuple[str, .
 
 
 def sampled_stats(store: str, sample: int, seed: int, split: str, teachers: tuple[str, ...]) -> dict:
+    """The `stats` document of STORE, once its options are checked."""
     root = open_store(store)
     check_split(root, split)
     if sample <= 0:
@@ -139,18 +119,42 @@ def verify(ctx: click.Context, store: str, as_json: bool) -> None:
 
 
 @command()
-@click.argument("store")
+@click.argument("paths", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Figure file (.png, .pdf, .svg).")
 @sample_options
 @json_option
-def plot(store: str, out: str, sample: int, seed: int, split: str, teachers: tuple[str, ...], as_json: bool) -> None:
-    """The `stats` of STORE as a figure: top-k mass histogram, entropy by position, teacher agreement."""
-    document = sampled_stats(store, sample, seed, split, teachers)
+def plot(paths: tuple[str, ...], out: str, sample: int, seed: int, split: str, teachers: tuple[str, ...],
+         as_json: bool) -> None:
+    """A figure of one STORE's `stats` (top-k mass, entropy by position, teacher agreement), or of the dev
+    cross-entropy learning curves of one or more training run directories (each holding a metrics.jsonl)."""
     if not Path(out).parent.is_dir():
         raise click.ClickException(f"{out}: directory {Path(out).parent} does not exist")
+    runs = [Path(p) for p in paths if (Path(p) / "metrics.jsonl").is_file()]
+    if runs:
+        emit(as_json, plot_run_curves(paths, Path(out)), lambda d: f"wrote {d['out']} ({len(d['runs'])} runs)")
+        return
+    if len(paths) > 1:
+        raise click.ClickException(f"{', '.join(paths)}: give one store, or run directories that hold metrics.jsonl")
+    store = paths[0]
+    document = sampled_stats(store, sample, seed, split, teachers)
     st.plot_stats(document, Path(out))
     summary = {"store": store, "out": out, "split": split, "num_sequences": document["num_sequences"]}
     emit(as_json, summary, lambda d: f"wrote {d['out']} ({d['num_sequences']} sampled {d['split']} sequences)")
+
+
+def plot_run_curves(paths: tuple[str, ...], out: Path) -> dict:
+    """The dev CE curves of run directories on one figure, one line per directory."""
+    from kdcache.study.figure import plot_curves
+    from kdcache.study.run import read_metrics
+
+    curves = {}
+    for path in paths:
+        curve = [(r["step"], r["dev_ce"]) for r in read_metrics(Path(path)) if "dev_ce" in r]
+        if not curve:
+            raise click.ClickException(f"{path}/metrics.jsonl: no dev_ce records (set student_train.eval_every)")
+        curves[path] = [curve]
+    plot_curves(curves, out, "dev cross-entropy while training")
+    return {"out": str(out), "runs": list(paths)}
 
 
 @command("upgrade")

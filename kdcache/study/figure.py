@@ -1,0 +1,77 @@
+"""Figures of training runs: dev cross-entropy learning curves, and a study's final metrics with error bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcache.files import staged
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, out: Path) -> None:
+    with staged(out) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=110)
+
+
+def draw_curves(ax: Any, curves: dict[str, list[list[tuple[int, float]]]]) -> None:
+    """Per label, the mean over its runs of (step, value) curves, with a min-max band when there are several."""
+    for label, runs in curves.items():
+        steps = sorted(set.intersection(*[{s for s, _ in run} for run in runs])) if runs else []
+        if not steps:
+            continue
+        values = np.array([[dict(run)[s] for s in steps] for run in runs])
+        line, = ax.plot(steps, values.mean(0), label=f"{label} (n={len(runs)})" if len(runs) > 1 else label)
+        if len(runs) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
+    ax.set(xlabel="optimizer step", ylabel="dev cross-entropy (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], out: Path, title: str) -> None:
+    """One figure of learning curves (`kdcache plot RUN_DIR...`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    draw_curves(ax, curves)
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, out)
+    plt.close(fig)
+
+
+def plot_study(results: list[dict[str, Any]], summary: dict[str, Any], out: Path, title: str) -> None:
+    """Learning curves per variant (mean and band over seeds), then final dev CE and minimal pairs (mean ± std)."""
+    plt = _pyplot()
+    fig, (curves_ax, ce_ax, pairs_ax) = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 1, 1]})
+    curves: dict[str, list[list[tuple[int, float]]]] = {}
+    for r in results:
+        if r["curve"]:
+            curves.setdefault(r["variant"], []).append([tuple(point) for point in r["curve"]])
+    draw_curves(curves_ax, curves)
+    curves_ax.set_title("dev cross-entropy while training")
+    names = list(summary)
+    for ax, metric, label in ((ce_ax, "dev_ce", "final dev CE (nats)"), (pairs_ax, "pairs", "minimal-pair accuracy")):
+        means = [summary[n][metric]["mean"] for n in names]
+        errors = [summary[n][metric]["std"] or 0 for n in names]
+        ax.bar(names, means, yerr=errors, capsize=4, color="tab:blue", alpha=0.7)
+        for i, n in enumerate(names):  # every seed's value, so a reader sees the spread, not only its summary
+            ax.scatter([i] * len(summary[n][metric]["values"]), summary[n][metric]["values"], color="black", s=10, zorder=3)
+        low, high = min(min(summary[n][metric]["values"]) for n in names), max(max(summary[n][metric]["values"]) for n in names)
+        pad = (high - low) * 0.5 or abs(high) * 0.01 or 0.01
+        ax.set(ylim=(low - pad, high + pad), title=label)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, out)
+    plt.close(fig)

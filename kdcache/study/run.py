@@ -1,0 +1,123 @@
+"""Train and evaluate every (variant, seed) of a study, skipping finished runs and resuming interrupted ones."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from kdcache.config import Config, run_paths
+from kdcache.files import atomic_write
+from kdcache.runtime import barrier, init_distributed
+from kdcache.study.figure import plot_study
+from kdcache.study.report import study_table, summarize
+from kdcache.student.distill import distill
+from kdcache.student.evaluate import evaluate_model
+from kdcache.student.metrics import METRICS
+
+RESULT = "result.json"  # written last: a run directory holding it is finished
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    variant: str
+    seed: int
+    directory: Path
+
+    @property
+    def result(self) -> Path:
+        return self.directory / RESULT
+
+
+def study_runs(cfg: Config, runs_root: str | Path = "runs") -> list[StudyRun]:
+    """Every (variant, seed) of the config's study, seed-major: all variants of the first seed come first."""
+    root = run_paths(cfg, runs_root).study
+    return [StudyRun(name, seed, root / name / f"seed{seed}") for seed in cfg.study.seeds for name in cfg.study.variants]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (train windows and dev evaluations)."""
+    path = run_dir / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def train_and_evaluate(cfg: Config, run: StudyRun, runs_root: str | Path) -> dict[str, Any]:
+    """One student of the study, trained (or resumed) and evaluated; its result.json is written last."""
+    variant = cfg.variant(run.variant, run.seed)
+    kind = cfg.study.variants[run.variant].kind
+    start = time.perf_counter()
+    model_dir = distill(variant, runs_root, resume=True, baseline=kind == "baseline", online=kind == "online",
+                        out_dir=run.directory)
+    seconds = time.perf_counter() - start
+    d = init_distributed()
+    if d.main:  # under torchrun the ranks trained together; one of them evaluates and writes
+        write_result(cfg, run, kind, model_dir, seconds, runs_root)
+    barrier(d)
+    return json.loads(run.result.read_text())
+
+
+def write_result(cfg: Config, run: StudyRun, kind: str, model_dir: Path, seconds: float, runs_root: str | Path) -> None:
+    """The trained student's dev loss, minimal pairs, throughput and learning curve, as the run's result.json."""
+    paths = run_paths(cfg, runs_root)
+    report = evaluate_model(model_dir, store=paths.store, pair_dirs=cfg.eval.minimal_pair_dirs,
+                            batch_size=cfg.eval.batch_size)
+    records = read_metrics(run.directory)
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    result = {
+        "variant": run.variant, "seed": run.seed, "kind": kind,
+        "dev_ce": report["dev"]["ce"], "dev_perplexity": report["dev"]["perplexity"],
+        "pairs": {directory: r["mean"] for directory, r in report["minimal_pairs"].items()},
+        "train_tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "train_seconds": seconds,  # this invocation's (a resumed run counts only what was left)
+        "curve": [(r["step"], r["dev_ce"]) for r in records if "dev_ce" in r],
+        "parameters": report["parameters"],
+    }
+    atomic_write(run.result, json.dumps(result, indent=2) + "\n")
+
+
+def run_study(cfg: Config, runs_root: str | Path = "runs", echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every run's result, training the runs that have none yet."""
+    runs = study_runs(cfg, runs_root)
+    results = []
+    for number, run in enumerate(runs, 1):
+        if run.result.is_file():
+            results.append(json.loads(run.result.read_text()))
+            continue
+        echo(f"study {number}/{len(runs)}: {run.variant}, seed {run.seed} -> {run.directory}")
+        results.append(train_and_evaluate(cfg, run, runs_root))
+    return results
+
+
+def write_study(cfg: Config, results: list[dict[str, Any]], runs_root: str | Path, wall_seconds: float) -> Path:
+    """study.json (every number), study.md (the table, how to read it, the figure) and study.png; returns study.md."""
+    baseline = next((name for name, v in cfg.study.variants.items() if v.kind == "baseline"), None)
+    summary = summarize(results, baseline)
+    root = run_paths(cfg, runs_root).study
+    trained_s = sum(r["train_seconds"] for r in results)
+    document = {"name": cfg.name, "config": cfg.source_path, "seeds": cfg.study.seeds, "baseline": baseline,
+                "wall_seconds": wall_seconds, "train_seconds": trained_s, "summary": summary, "runs": results,
+                "variants": {name: vars(v) for name, v in cfg.study.variants.items()}}
+    atomic_write(root / "study.json", json.dumps(document, indent=2) + "\n")
+    plot_study(results, summary, root / "study.png", f"{cfg.name}: {len(cfg.study.seeds)} seeds per variant")
+    overrides = "\n".join(f"- `{name}` ({v.kind}): distill {v.distill or '{}'}, student_train {v.student_train or '{}'}"
+                          for name, v in cfg.study.variants.items())
+    markdown = f"""# Study `{cfg.name}`
+
+Config `{cfg.source_path}`; seeds {cfg.study.seeds} (a seed sets the student's initial weights and data order; the
+variants of one seed share both). Students trained in {trained_s / 60:.1f} min (this invocation: {wall_seconds / 60:.1f} min).
+
+{study_table(summary, baseline)}
+
+Mean ± standard deviation over seeds. Δ: the paired difference to `{baseline}` (same seed), its mean and 95%
+Student-t confidence interval over seeds; `*` marks an interval that excludes 0. Lower dev CE is better, higher
+minimal-pair accuracy is better. Train tokens/s is the mean over each run's logged windows.
+
+Variants:
+{overrides}
+
+![dev cross-entropy curves and final metrics](study.png)
+"""
+    atomic_write(root / "study.md", markdown)
+    return root / "study.md"

@@ -1,0 +1,189 @@
+"""The chunked distillation engine: the CE and every teacher's KL term, with their analytic gradient, chunk by chunk.
+
+`distillation_loss` walks the [N, V] logits in chunks of positions and computes each chunk's loss value and
+analytic gradient at once, so no [N, V] float32 tensor outlives a chunk. Each teacher's form (kd.form) supplies
+its targets; the forms' `kl` methods are the plain-autograd definitions of the same terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from kdcache.errors import KdcacheError
+from kdcache.student.kd.form import TINY, KDForm, plogp
+
+
+@dataclass
+class TeacherTargets:
+    """One teacher group's batch for the loss: its form's arrays, [B, L, k] (lse [B, L] at the distillation T)."""
+
+    name: str
+    weight: float
+    form: KDForm
+    arrays: dict[str, Tensor | None]
+
+
+class _Rows(NamedTuple):
+    """One teacher's targets for the chunked path, flattened over positions: p at the ids (and the tail)."""
+
+    coef: float  # gradient scale of weight · mean(T^2 · KL): weight / N · T
+    ids: Tensor  # [N, k] int64
+    p: Tensor  # [N, k]
+    neg_entropy: Tensor  # [N]: sum p log p, tail class included
+    p_tail: Tensor | None  # [N] for the tail form, else None
+
+    def rows(self, sl: slice) -> _Rows:
+        p_tail = None if self.p_tail is None else self.p_tail[sl]
+        return _Rows(self.coef, self.ids[sl], self.p[sl], self.neg_entropy[sl], p_tail)
+
+
+def _prepare(teacher: TeacherTargets, n: int, vocab: int, temperature: float) -> _Rows:
+    """Teacher-side work for all N positions at once ([N, k] is small), so the chunk loop only touches the student."""
+    form = teacher.form
+    if any(teacher.arrays.get(name) is None for name in form.arrays):
+        raise KdcacheError(f"teacher {teacher.name!r} ({form.name}) needs {', '.join(form.arrays)}")
+    ids, p, log_p, p_tail = form.targets(teacher.arrays, vocab, temperature)
+    neg_entropy = plogp(p, log_p).sum(-1)
+    if p_tail is not None:
+        neg_entropy = neg_entropy + plogp(p_tail, p_tail.log())
+        p_tail = p_tail.reshape(n)
+    coef = teacher.weight / n * temperature
+    return _Rows(coef, ids.reshape(n, -1).long(), p.reshape(n, -1), neg_entropy.reshape(n), p_tail)
+
+
+def _chunk_loss_and_grad(
+    x: Tensor,
+    labels: Tensor,
+    ce_coef: float,
+    targets: list[_Rows],
+    temperature: float,
+    grad_out: Tensor | None,
+) -> Tensor:
+    """Loss sums for one chunk of logits x [c, V] (read only); writes d(total)/dx into grad_out when given.
+
+    Returns [CE sum, T^2 · KL sum per teacher]. With q = softmax(x/T), the gradients are
+      CE:             softmax(x) - onehot(label), times hard_weight / #labels
+      renorm/sampled: T·((sum p)·q - p scattered at the ids), times weight / N  (T^2 · 1/T from the chain rule)
+      tail:           T·(q_j - p_j) on the ids, T·q_j·(1 - p_tail/q_tail) elsewhere, times weight / N
+                      (the tail's target mass is spread in proportion to q inside the tail).
+    All math is float32; at most three [c, V] float32 buffers live at once.
+    """
+    log_q1 = torch.log_softmax(x, dim=-1, dtype=torch.float32)
+    valid = labels >= 0
+    safe = labels.clamp_min(0).unsqueeze(-1)
+    sums = [-(log_q1.gather(-1, safe).squeeze(-1) * valid).sum()]
+    ce_rows = valid.float() * ce_coef
+    row_coef = torch.zeros(x.shape[0], device=x.device)  # multiplies q in the gradient
+    sparse = [(safe, -ce_rows.unsqueeze(-1))]  # (ids, values) added to the gradient at the ids
+    if temperature != 1:
+        log_q = torch.log_softmax(x.to(torch.float32, copy=True).div_(temperature), dim=-1)
+    else:
+        log_q = log_q1
+    log_q_ids = [log_q.gather(-1, t.ids) for t in targets]
+    q = log_q.exp_()  # at T == 1 this is also softmax(x) for the CE gradient
+
+    for t, lq_ids in zip(targets, log_q_ids):
+        kl = t.neg_entropy - (t.p * lq_ids).sum(-1)
+        if t.p_tail is None:
+            row_coef += t.coef * t.p.sum(-1)
+            sparse.append((t.ids, -t.coef * t.p))
+        else:
+            q_ids = lq_ids.exp()
+            q_tail = q.scatter_(-1, t.ids, 0.0).sum(-1).clamp_min(TINY)  # direct tail sum: no 1 - sum cancellation
+            q.scatter_(-1, t.ids, q_ids)
+            kl = kl - t.p_tail * q_tail.log()
+            ratio = t.p_tail / q_tail
+            row_coef += t.coef * (1 - ratio)
+            sparse.append((t.ids, t.coef * (q_ids * ratio.unsqueeze(-1) - t.p)))
+        sums.append(kl.sum() * temperature**2)
+
+    if grad_out is not None:
+        if temperature == 1:
+            row_coef += ce_rows
+        grad = q.mul_(row_coef.unsqueeze(-1))
+        for ids, values in sparse:
+            grad.scatter_add_(-1, ids, values)
+        if temperature != 1:  # add the CE's softmax(x) term while casting to the output
+            torch.addcmul(grad, log_q1.exp_(), ce_rows.unsqueeze(-1), out=grad_out)
+        else:
+            grad_out.copy_(grad)
+    return torch.stack(sums)
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """total = hard_weight · CE + sum_t weight_t · mean-over-positions KL_t, with the gradient written in forward.
+
+    Forward walks the positions in chunks and stores d(total)/d(logits) in the logits' dtype (nothing is stored
+    when no gradient is needed, e.g. under no_grad); backward only scales it. Returns (total, per-term means), the
+    latter non-differentiable.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: Tensor,
+        input_ids: Tensor,
+        hard_weight: float,
+        teachers: list[TeacherTargets],
+        temperature: float,
+        chunk_positions: int,
+    ) -> tuple[Tensor, Tensor]:
+        batch, length, vocab = logits.shape
+        flat = logits.reshape(-1, vocab)
+        n = flat.shape[0]
+        labels = _next_token_labels(input_ids)
+        n_labels = batch * (length - 1)
+        targets = [_prepare(t, n, vocab, temperature) for t in teachers]
+        grad = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
+        sums = torch.zeros(1 + len(teachers), device=flat.device)
+        for start in range(0, n, chunk_positions):
+            rows = slice(start, start + chunk_positions)
+            sums += _chunk_loss_and_grad(
+                flat[rows],
+                labels[rows],
+                hard_weight / n_labels,
+                [t.rows(rows) for t in targets],
+                temperature,
+                None if grad is None else grad[rows],
+            )
+        counts = [n_labels] + [n] * len(teachers)
+        weights = [hard_weight] + [t.weight for t in teachers]
+        means = torch.stack([s / c for s, c in zip(sums.unbind(), counts)])
+        total = sum(w * m for w, m in zip(weights, means.unbind()))
+        ctx.grad = None if grad is None else grad.view_as(logits)
+        ctx.mark_non_differentiable(means)
+        return total, means
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_means: Tensor) -> tuple[Tensor | None, ...]:
+        grad, ctx.grad = ctx.grad, None  # scaled in place: the stored gradient is used once
+        return grad.mul_(grad_total), None, None, None, None, None
+
+
+def _next_token_labels(input_ids: Tensor) -> Tensor:
+    """Labels for every logit position, flattened: input_ids shifted left, -1 (ignored) at the last position."""
+    pad = torch.full_like(input_ids[:, :1], -1)
+    return torch.cat([input_ids[:, 1:], pad], dim=1).reshape(-1).long()
+
+
+def distillation_loss(
+    logits: Tensor,
+    input_ids: Tensor,
+    teachers: list[TeacherTargets],
+    hard_weight: float,
+    temperature: float,
+    chunk_positions: int = 4096,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """hard_weight · next_token_ce + sum_t weight_t · mean over all B·L positions of the teacher's KL term.
+
+    logits [B, L, V] (bf16 under autocast, or float32); teacher arrays [B, L, ...]. Each term equals its autograd
+    definition (`student.lm.next_token_ce`, each form's `kl`); the gradient is computed analytically chunk by
+    chunk. Returns the total and detached per-term values: "hard_ce", "kl/<name>".
+    """
+    total, means = _ChunkedDistillation.apply(logits, input_ids, hard_weight, teachers, temperature, chunk_positions)
+    names = ["hard_ce"] + [f"kl/{t.name}" for t in teachers]
+    return total, dict(zip(names, means.detach().unbind()))

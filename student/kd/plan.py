@@ -1,0 +1,63 @@
+"""The KD plan: what a distillation reads from a store (groups, arrays, lse columns) and how it weighs each term."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import zarr
+
+from kdcache.cache import schema
+from kdcache.cache.schema import StoreError
+from kdcache.student.kd.form import kd_form
+from kdcache.student.kd.hidden import HiddenPair
+
+
+@dataclass(frozen=True)
+class KDPlan:
+    """One distillation resolved against a store; the dataset reads what it names and the loss weighs by it.
+
+    `temperature_index` is the one place that maps the temperature to each group's lse column: the dataset hands
+    the loss that column only. The whole plan is part of a run's checkpoint fingerprint.
+    """
+
+    weights: dict[str, float]  # store group -> KL weight
+    form: str  # a registered KD form (kd.form)
+    hard_weight: float  # of the next-token cross-entropy
+    temperature: float
+    temperature_index: dict[str, int]  # store group -> column of its lse
+    hidden: tuple[HiddenPair, ...] = ()
+    hidden_weight: float = 0.0
+    hidden_kind: str = "mse"
+
+    @classmethod
+    def from_store(cls, store: str | Path | zarr.Group, teachers: dict[str, float], *, form: str,
+                   temperature: float, hard_weight: float) -> KDPlan:
+        """The plan of `form` at `temperature` over the cached teachers {name: KL weight} (logit terms only)."""
+        root = store if isinstance(store, zarr.Group) else schema.open_store(str(store))
+        kind = kd_form(form)
+        weights = kind.groups(teachers, hard_weight, root.attrs["seq_len"])
+        columns = {name: lse_column(root, name, temperature) for name in weights}
+        for name in weights:
+            if why := kind.refuse(root[f"{schema.TEACHERS}/{name}"].attrs.asdict(), temperature):
+                raise StoreError(f"{root.store}: teacher group {name!r} {why}")
+        return cls(weights, form, hard_weight, temperature, columns)
+
+    def arrays(self) -> dict[str, list[str]]:
+        """Store group -> the arrays read of it: the form's for each weighted group, then each hidden pair's."""
+        needed = kd_form(self.form).arrays
+        arrays = {name: list(needed) for name in self.weights}
+        for pair in self.hidden:
+            arrays.setdefault(pair.teacher, []).extend(pair.arrays())
+        return arrays
+
+
+def lse_column(root: zarr.Group, group: str, temperature: float) -> int:
+    """Which column of a cached group's lse holds logsumexp(logits / temperature)."""
+    path = f"{schema.TEACHERS}/{group}"
+    if path not in root:
+        raise StoreError(f"{root.store}: no cached teacher {group!r}; run `kdcache precompute` first")
+    temps = root[path].attrs["temperatures"]
+    if temperature not in temps:
+        raise StoreError(f"{root.store}: teacher {group!r} has no log-sum-exp at T={temperature} (has {temps})")
+    return temps.index(temperature)

@@ -1,0 +1,81 @@
+"""`kdcache study`: variants as validated overrides, the statistics of the report, and a tiny study end to end
+(every run trained once; a rerun trains nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdcache.config import ConfigError, load_config
+from kdcache.study.report import paired_interval, study_table, summarize
+
+
+def result(variant: str, seed: int, dev_ce: float, pairs: float, kind: str = "kd") -> dict:
+    return {"variant": variant, "seed": seed, "kind": kind, "dev_ce": dev_ce, "dev_perplexity": math.exp(dev_ce),
+            "pairs": {"blimp": pairs}, "train_tokens_per_s": 1000.0, "train_seconds": 1.0, "curve": [], "parameters": 1}
+
+
+def test_paired_interval_is_the_student_t_interval_of_the_differences():
+    interval = paired_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2 dof) x sd 1 / sqrt(3)
+    assert interval["mean"] == 2.0 and interval["n"] == 3
+    assert interval["low"] == pytest.approx(2.0 - half) and interval["high"] == pytest.approx(2.0 + half)
+    assert paired_interval([0.5])["low"] is None  # one seed: no interval
+
+
+def test_summary_pairs_each_variant_with_the_baseline_seed_by_seed():
+    results = [result("ce", 1, 3.0, 0.60, "baseline"), result("ce", 2, 3.2, 0.62, "baseline"),
+               result("kd", 1, 2.9, 0.61), result("kd", 2, 3.0, 0.65)]
+    summary = summarize(results, "ce")
+    assert summary["ce"]["dev_ce"]["mean"] == pytest.approx(3.1)
+    assert summary["ce"]["dev_ce"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert "vs_baseline" not in summary["ce"]
+    assert summary["kd"]["vs_baseline"]["dev_ce"]["values"] == pytest.approx([-0.1, -0.2])
+    assert summary["kd"]["vs_baseline"]["pairs"]["mean"] == pytest.approx(0.02)
+    table = study_table(summary, "ce")
+    assert table.splitlines()[0].startswith("| variant | kind | seeds | dev CE (nats)")
+    assert "| kd | kd | 2 | 2.9500 ± 0.0707 |" in table
+
+
+def study_config(tmp_path: Path, variants: dict, **cache) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "s", "cache": {"samples": 8, "sample_temperature": 1.0, **cache},
+        "distill": {"temperature": 2.0, "form": "tail"}, "study": {"seeds": [1, 2], "variants": variants}}))
+    return path
+
+
+def test_variants_override_distill_and_training_and_are_validated_on_load(tmp_path):
+    cfg = load_config(study_config(tmp_path, {
+        "ce": {"kind": "baseline"},
+        "sampled": {"distill": {"form": "sampled", "temperature": 1.0}, "student_train": {"lr": 0.01}},
+        "hidden": {"distill": {"hidden": {"weight": 0.1}}}}))
+    sampled = cfg.variant("sampled", 2)
+    assert (sampled.seed, sampled.distill.form, sampled.distill.temperature, sampled.student_train.lr) == (2, "sampled", 1.0, 0.01)
+    assert sampled.distill.hard_weight == cfg.distill.hard_weight and sampled.student_train.batch_size == cfg.student_train.batch_size
+    assert cfg.variant("hidden", 1).distill.hidden.weight == 0.1 and cfg.variant("hidden", 1).distill.hidden.kind == "mse"
+    assert cfg.distill.form == "tail"  # the run's own section is untouched
+
+
+@pytest.mark.parametrize("variants, message", [
+    ({"x": {"distill": {"fomr": "tail"}}}, "study.variants.x.distill: unknown key 'fomr' (did you mean 'form'?"),
+    ({"x": {"student_train": {"lr": "fast"}}}, "study.variants.x.student_train.lr: expected float"),
+    ({"x": {"distill": {"form": "sampled"}}},
+     "study.variants.x: distill.temperature 2.0 != cache.sample_temperature 1.0: form 'sampled' trains on draws"),
+])
+def test_a_bad_variant_is_refused_on_load_naming_it(tmp_path, variants, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(study_config(tmp_path, variants))
+    assert message in str(error.value) and str(tmp_path) in str(error.value)
+
+
+def test_sampled_targets_at_another_temperature_are_refused_naming_both_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "c", "cache": {"samples": 8, "sample_temperature": 1.0},
+                                    "distill": {"form": "sampled", "temperature": 2.0}}))
+    with pytest.raises(ConfigError, match=r"distill.temperature 2.0 != cache.sample_temperature 1.0"):
+        load_config(path)
