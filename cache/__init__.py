@@ -2,7 +2,8 @@
 
 `schema` defines the groups and arrays (spec: docs/cache-format.md); `layout` parses a sharded array's zarr.json
 for `encoder`, which writes whole shards, and `reader`, which reads them through memory maps for training;
-`verify` checks integrity; `inspect`/`stats` summarise a store; `upgrade` converts an older format in place.
+`manifest` records a digest of every file when a writer finishes; `verify` checks integrity; `inspect`/`stats`
+summarise a store; `upgrade` converts an older format in place.
 Nothing here imports torch, click, a teacher or a student.
 """
 

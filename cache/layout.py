@@ -120,7 +120,7 @@ def parse_layout(array_dir: Path) -> ShardLayout:
     """Read and validate `array_dir/zarr.json`; refuse any layout the direct reader cannot decode."""
     meta_path = array_dir / "zarr.json"
     try:
-        text = meta_path.read_text()
+        text = meta_path.read_bytes()
     except FileNotFoundError:
         raise StoreError(f"{meta_path}: array metadata not found") from None
     return layout_from_json(text, str(meta_path))
@@ -130,8 +130,20 @@ def layout_from_json(text: str | bytes, where: str) -> ShardLayout:
     """`parse_layout` of zarr.json text read from anywhere (`where` names it in errors)."""
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8
         raise StoreError(f"{where}: not valid JSON ({e})") from None
+    try:
+        return _layout(meta, where)
+    except StoreError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:  # valid JSON of the wrong shape
+        raise StoreError(f"{where}: malformed array metadata ({e.__class__.__name__}: {e})") from None
+
+
+def _layout(meta: Any, where: str) -> ShardLayout:
+    """`layout_from_json` of the parsed document."""
+    if not isinstance(meta, dict):
+        raise StoreError(f"{where}: not a Zarr v3 array")
 
     def refuse(what: str) -> StoreError:
         return StoreError(f"{where}: {what}")

@@ -26,6 +26,7 @@ import zarr
 from numcodecs.blosc import decompress as blosc_decompress
 
 from kdcache.cache.layout import CRC_BYTES, EMPTY, local_path, parse_layout
+from kdcache.cache.manifest import checked_manifest, differs, shard_entries, shard_fingerprint, unlisted
 from kdcache.cache.schema import COMPLETE, TEACHERS, TOKENS, StoreError, check_store, open_store
 
 BLOSC_HEADER = struct.Struct("<III")  # nbytes, blocksize, cbytes: bytes 4-16 of a blosc frame's header
@@ -55,16 +56,19 @@ class ShardedArrayReader:
     """One sharded [N, L, ...] array of a local store, decoded chunk by chunk from memory-mapped shard files.
 
     At most `max_open_shards` shard files stay mapped per process (each map holds a file descriptor); a shard's
-    index checksum is checked every time the shard is mapped.
+    index checksum is checked every time the shard is mapped. `listed` (shard key -> fingerprint, from the
+    store's manifest: `kdcache.cache.manifest`) has each shard checked against it the first time a process maps it.
     """
 
-    def __init__(self, array_dir: str | os.PathLike, max_open_shards: int = 128):
+    def __init__(self, array_dir: str | os.PathLike, max_open_shards: int = 128, listed: dict[str, str] | None = None):
         self.path = Path(array_dir)
         self.layout = parse_layout(self.path)
         self.shape = self.layout.shape
         self.dtype = self.layout.array_dtype
         self.per_shard = self.layout.per_shard
         self.max_open_shards = max_open_shards
+        self.listed = listed
+        self._matched: set[int] = set()  # shards found to match `listed`
         self._pid: int | None = None
         self._shards: OrderedDict[int, Shard] = OrderedDict()
 
@@ -117,6 +121,13 @@ class ShardedArrayReader:
         raw = data[-size:] if self.layout.index_at_end else data[:size]
         if google_crc32c.value(raw[:-CRC_BYTES]) != int.from_bytes(raw[-CRC_BYTES:].tobytes(), "little"):
             raise StoreError(f"{path}: shard index checksum mismatch (corrupt shard file)")
+        if self.listed is not None and shard not in self._matched:
+            key = self.layout.shard_key(shard)
+            if key not in self.listed:
+                raise StoreError(unlisted(path))
+            if shard_fingerprint(data, self.layout) != self.listed[key]:
+                raise StoreError(differs(path))
+            self._matched.add(shard)
         return Shard(path, data, raw[:-CRC_BYTES].view("<u8").reshape(-1, 2).tolist())
 
     def _decode(self, shard: Shard, chunk: int, out: np.ndarray) -> None:
@@ -170,21 +181,25 @@ class StoreReader:
 
     `teachers` lists the teacher groups to read; `arrays` may narrow a teacher to some of its arrays (default:
     every array of its split). `expect` ({"tokenizer_sha", "vocab_size", "seq_len"}) and the completeness of
-    every requested teacher split are checked before anything is read. Items are {"input_ids": [L] int64,
-    "<teacher>/<array>": [L, ...]} in the stored dtypes.
+    every requested teacher split (unless not `require_complete`) are checked before anything is read, and in a
+    local store with a manifest, the metadata and `complete` records read (shards: when first mapped). Items
+    are {"input_ids": [L] int64, "<teacher>/<array>": [L, ...]} in the stored dtypes.
     """
 
     def __init__(self, store_path: str | os.PathLike, *, teachers: Sequence[str] = (),
-                 arrays: dict[str, Sequence[str]] | None = None, split: str = "train", expect: dict | None = None):
+                 arrays: dict[str, Sequence[str]] | None = None, split: str = "train", expect: dict | None = None,
+                 require_complete: bool = True):
         self.store = str(store_path)
         expect, arrays, teachers = dict(expect or {}), dict(arrays or {}), list(teachers)
         if unknown := sorted(set(expect) - EXPECT_KEYS):
             raise ValueError(f"expect: unknown keys {unknown} (known: {sorted(EXPECT_KEYS)})")
         if stray := sorted(set(arrays) - set(teachers)):
             raise ValueError(f"arrays: teachers {stray} are not in teachers {teachers}")
+        manifest = checked_manifest(self.store, split, teachers)  # before zarr parses a damaged document
         root = open_store(self.store)
         check_store(root, tokenizer_sha=expect.get("tokenizer_sha"), vocab_size=expect.get("vocab_size"),
-                    seq_len=expect.get("seq_len"), teachers=teachers, split_names=[split])
+                    seq_len=expect.get("seq_len"), teachers=teachers, split_names=[split],
+                    require_complete=require_complete)
         paths = {"input_ids": f"{TOKENS}/{split}"}
         for teacher in teachers:
             group = root[f"{TEACHERS}/{teacher}/{split}"]
@@ -195,8 +210,9 @@ class StoreReader:
                                      f"(have {have})")
                 paths[f"{teacher}/{name}"] = f"{group.path}/{name}"
         directory = local_path(self.store)
-        self.readers = {key: ShardedArrayReader(directory / path) if directory else ZarrArrayReader(root[path])
-                        for key, path in paths.items()}
+        self.readers = {key: ShardedArrayReader(directory / path, listed=None if manifest is None else
+                                                shard_entries(manifest, path))
+                        if directory else ZarrArrayReader(root[path]) for key, path in paths.items()}
         self.num_sequences, self.seq_len = self.readers["input_ids"].shape
         if bad := [key for key, r in self.readers.items() if r.shape[:2] != (self.num_sequences, self.seq_len)]:
             raise StoreError(f"{self.store}: arrays {bad} do not match tokens/{split} "

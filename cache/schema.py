@@ -148,8 +148,10 @@ def open_store(path: str, mode: str = "r", any_version: bool = False) -> zarr.Gr
     `any_version`: for deciding whether an old store may be replaced)."""
     try:
         root = zarr.open_group(store=str(path), mode=mode, zarr_format=3, storage_options=_storage_options(path))
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as e:
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise StoreError(f"{path}: not a kdcache store ({e.__class__.__name__}: {e})") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a zarr.json zarr cannot take: damaged, or no v3
+        raise StoreError(f"{path}/zarr.json: not a kdcache store's root ({e.__class__.__name__}: {e})") from None
     version = root.attrs.get("format_version")
     if mode != "w" and version is None and mode == "r":
         raise StoreError(f"{path}: not a kdcache store (no format_version attribute)")

@@ -28,6 +28,7 @@ from kdcache.cache import FORMAT_VERSION, UPGRADABLE_VERSION
 from kdcache.cache.codecs import VOCAB_RANK, VocabRankCodec
 from kdcache.cache.encoder import encode_shard
 from kdcache.cache.layout import dir_bytes, layout_from_json, local_path
+from kdcache.cache.manifest import seal_store
 from kdcache.cache.reader import ShardedArrayReader
 from kdcache.cache.schema import (
     TEACHERS, TOKENS, StoreError, completed_shards, ids_dtype, open_store, settings_digest, shard_range, splits,
@@ -75,6 +76,7 @@ def upgrade_store(path: str | os.PathLike) -> UpgradeReport:
         attrs.update({"format_version": FORMAT_VERSION,
                       "settings_digest": settings_digest({**attrs.asdict(), "format_version": FORMAT_VERSION})})
     root.attrs["format_version"] = FORMAT_VERSION  # last: the store claims the version once all of it has it
+    seal_store(directory)  # the store is whole again: record what it holds (cache.manifest)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -4,12 +4,15 @@ Checked: every shard file of every complete shard is present with a valid index 
 decodes to the right size (chunk bytes carry a checksum only when the inner codec chain ends in crc32c; without
 one, most flipped bytes in a compressed chunk decode silently to other values); shapes and dtypes against
 `kdcache.cache.schema`; completeness; NaN/inf in float arrays; ids inside the vocabulary; top-k sorted
-descending; sample counts summing to `samples`; and the attributes that tie it together (format version,
-tokenizer, token digests, `k`, temperatures).
+descending; sample counts summing to `samples`; `complete` records of 0 or 1; and the attributes that tie it
+together (format version, tokenizer, token digests, `k`, temperatures). First, every file against the store's
+manifest (`kdcache.cache.manifest`), or without one, every zarr.json for valid JSON: a damaged file is named
+before zarr parses it, and what zarr then fails to read is one line, never an exception.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -20,9 +23,10 @@ import zarr
 
 from kdcache.cache import FORMAT_VERSION
 from kdcache.cache.layout import local_path
+from kdcache.cache.manifest import MANIFEST, manifest_problems
 from kdcache.cache.reader import ShardedArrayReader
 from kdcache.cache.schema import (
-    COMPLETE, TEACHERS, TOKENS, ArraySpec, StoreError, completed_shards, ids_dtype, num_shards, open_store,
+    COMPLETE, TEACHERS, TOKENS, ArraySpec, StoreError, ids_dtype, num_shards, open_store,
     read_tokens, shard_range, splits, teacher_array_specs, teacher_names, token_digest,
 )
 
@@ -32,20 +36,62 @@ Check = Callable[[np.ndarray], str | None]  # one shard's data -> what is wrong 
 def verify_store(path: str | os.PathLike) -> list[str]:
     """Every problem found in the store at `path` (a local directory), one line each; empty when sound."""
     store = str(path)
-    root = open_store(store)
     directory = local_path(store)
+    problems = []
+    if directory is not None and directory.is_dir():  # first, what is named by file before zarr trips over it
+        problems = manifest_problems(directory)
+        problems = _unparsed_documents(directory) if problems is None else problems
+    try:
+        root = open_store(store)
+    except StoreError as e:
+        if not problems:
+            raise
+        return problems + [str(e)]
     if directory is None:
         raise StoreError(f"{store}: verify reads shard files directly and needs a local store")
     attrs = root.attrs.asdict()
-    problems = [f"{store}: root attribute {key!r} missing"
-                for key in ("seq_len", "vocab_size", "tokenizer_sha256") if key not in attrs]
-    if problems:
-        return problems
-    for split in splits(root):
-        problems += _verify_tokens(root, directory, split)
-    for teacher in teacher_names(root):
-        problems += _verify_teacher(root, directory, teacher)
+    absent = [f"{store}: root attribute {key!r} missing"
+              for key in ("seq_len", "vocab_size", "tokenizer_sha256") if key not in attrs]
+    if absent:
+        return problems + absent
+    for split in _guarded(problems, TOKENS, lambda: splits(root)):
+        problems += _guarded(problems, f"{TOKENS}/{split}", lambda: _verify_tokens(root, directory, split))
+    for teacher in _guarded(problems, TEACHERS, lambda: teacher_names(root)):
+        problems += _guarded(problems, f"{TEACHERS}/{teacher}", lambda: _verify_teacher(root, directory, teacher))
     return problems
+
+
+def unsealed_note(store: str | os.PathLike) -> str | None:
+    """What `kdcache verify` adds to its verdict on a local store without a manifest (kdcache.cache.manifest)."""
+    directory = local_path(store)
+    if directory is None or (directory / MANIFEST).is_file():
+        return None
+    return (f"no {MANIFEST}: a store of an older kdcache, or a writer did not finish; its metadata and `complete` "
+            "records were not checked against recorded digests")
+
+
+def _unparsed_documents(directory: Path) -> list[str]:
+    """Without a manifest: each zarr.json that is not a JSON object."""
+    problems = []
+    for path in sorted(directory.rglob("zarr.json")):
+        try:
+            parsed = json.loads(path.read_bytes())
+        except ValueError as e:  # not JSON, or not UTF-8
+            problems.append(f"{path}: not valid JSON ({e})")
+            continue
+        if not isinstance(parsed, dict):
+            problems.append(f"{path}: not a JSON object")
+    return problems
+
+
+def _guarded(problems: list[str], where: str, check: Callable[[], list[str]]) -> list[str]:
+    """`check()`; an exception zarr raises on metadata it cannot parse is added to `problems` as one line and
+    the part is skipped (the manifest, or the line, names the damage)."""
+    try:
+        return check()
+    except Exception as e:  # noqa: BLE001 - what a damaged document makes zarr raise varies with the flipped byte
+        problems.append(f"{where}: cannot be read ({e.__class__.__name__}: {e})")
+        return []
 
 
 def _verify_tokens(root: zarr.Group, directory: Path, split: str) -> list[str]:
@@ -90,7 +136,10 @@ def _verify_teacher_split(root: zarr.Group, directory: Path, teacher: str, split
     if group.attrs.get("num_sequences") != n:
         problems.append(f"{path}: num_sequences is {group.attrs.get('num_sequences')!r}, tokens have {n}")
     per_shard = group.attrs.get("per_shard", 1)
-    done = completed_shards(group) if COMPLETE in group else np.zeros(0, dtype=bool)
+    marks = group[COMPLETE][...] if COMPLETE in group else np.zeros(0, dtype=np.uint8)
+    problems += [f"{directory / path / COMPLETE / 'c' / str(shard)}: completion record holds {marks[shard]}, not 0 or 1"
+                 for shard in np.flatnonzero(marks > 1).tolist()]  # the records carry no checksum
+    done = marks.astype(bool)
     if done.size != num_shards(n, per_shard):
         return problems + [f"{path}/{COMPLETE}: {done.size} entries, expected {num_shards(n, per_shard)} shards"]
     if not done.all():

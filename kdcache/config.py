@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from kdcache.cache.schema import MAX_SAMPLES, CodecSettings
+from kdcache.cache.schema import CodecSettings
+from kdcache.config_rules import validate
 from kdcache.typed_yaml import ConfigError, build
 
 
@@ -187,7 +187,7 @@ class Config:
                 distill=build(DistillConfig, _merged(dataclasses.asdict(self.distill), v.distill), f"{where}.distill"),
                 student_train=build(TrainConfig, _merged(dataclasses.asdict(self.student_train), v.student_train),
                                     f"{where}.student_train"))
-            _validate(cfg)
+            validate(cfg)
         except ConfigError as e:
             raise ConfigError(f"{self.source_path}: {where}: {str(e).removeprefix(self.source_path + ': ')}") from None
         return cfg
@@ -196,42 +196,6 @@ class Config:
         d = dataclasses.asdict(self)
         d.pop("source_path")
         return d
-
-
-def _validate(cfg: Config) -> None:
-    src = cfg.source_path
-    checks = [
-        (cfg.data.seq_len >= 2, "data.seq_len must be >= 2"),
-        (cfg.data.sequences_per_shard >= 1, "data.sequences_per_shard must be >= 1"),
-        (cfg.tokenizer.vocab_size >= 259, "tokenizer.vocab_size must be >= 259 (256 bytes + 3 specials)"),
-        (cfg.cache.k >= 1, "cache.k must be >= 1"),
-        (cfg.cache.k <= cfg.tokenizer.vocab_size, "cache.k must be <= tokenizer.vocab_size"),
-        (all(t > 0 for t in cfg.cache.temperatures), "cache.temperatures must be positive"),
-        (1.0 in cfg.cache.temperatures, "cache.temperatures must include 1.0"),
-        (cfg.distill.temperature in cfg.cache.temperatures,
-         f"distill.temperature {cfg.distill.temperature} must be one of cache.temperatures"),
-        (len({t.name for t in cfg.teachers}) == len(cfg.teachers), "teacher names must be unique"),
-        (all(re.fullmatch(r"[A-Za-z0-9_.-]+", t.name) for t in cfg.teachers),
-         "teacher names may use letters, digits, '_', '.', '-' only"),
-        (cfg.corpus.kind == "demo" or bool(cfg.corpus.train), "corpus.train must list files or directories"),
-        (cfg.student.max_position >= cfg.data.seq_len, "student.max_position must be >= data.seq_len"),
-        (all(t.model.max_position >= cfg.data.seq_len for t in cfg.teachers),
-         "every teacher's model.max_position must be >= data.seq_len"),
-        (cfg.distill.form != "sampled" or cfg.cache.samples > 0, "distill.form 'sampled' needs cache.samples > 0"),
-        (0 <= cfg.cache.samples <= MAX_SAMPLES,
-         f"cache.samples must be in [0, {MAX_SAMPLES}] (counts are stored as uint16)"),
-        (cfg.distill.form != "seed_exact" or cfg.cache.ensemble, "distill.form 'seed_exact' needs cache.ensemble: true"),
-        (cfg.distill.form != "sampled" or cfg.distill.temperature == cfg.cache.sample_temperature,
-         f"distill.temperature {cfg.distill.temperature} != cache.sample_temperature {cfg.cache.sample_temperature}: "
-         "form 'sampled' trains on draws made at cache.sample_temperature, so the two must agree"),
-        (len(set(cfg.study.seeds)) == len(cfg.study.seeds), "study.seeds must be distinct"),
-    ]
-    names = {t.name for t in cfg.teachers}
-    for key in list(cfg.cache.hidden_layers) + list(cfg.distill.teacher_weights):
-        checks.append((key in names, f"{key!r} (in cache.hidden_layers or distill.teacher_weights) is not a teacher"))
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{src}: {message}")
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -250,7 +214,7 @@ def load_config(path: str | os.PathLike) -> Config:
     except ConfigError as e:
         raise ConfigError(f"{path}: {str(e).lstrip(': ')}") from None
     cfg.source_path = str(path)
-    _validate(cfg)
+    validate(cfg)
     for name in cfg.study.variants:
         cfg.variant(name, cfg.seed)  # every variant is checked now, not hours into a study
     return cfg

@@ -73,7 +73,8 @@ def clean_lines(raw: list[str], cleaning: CleaningConfig) -> list[str]:
 
 
 def read_lines(path: Path, cleaning: CleaningConfig) -> list[str]:
-    """Strict UTF-8 (a leading byte-order mark is dropped); one line per utterance; `\\r\\n` endings tolerated."""
+    """Strict UTF-8 text, no NUL byte (a leading byte-order mark is dropped); one line per utterance; `\\r\\n` endings
+    tolerated."""
     data = path.read_bytes()
     if not data:
         raise CorpusError(f"{path}: file is empty")
@@ -82,6 +83,9 @@ def read_lines(path: Path, cleaning: CleaningConfig) -> list[str]:
     except UnicodeDecodeError as e:
         line_no = data.count(b"\n", 0, e.start) + 1
         raise CorpusError(f"{path}: line {line_no}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if (nul := data.find(b"\0")) >= 0:  # valid UTF-8, but no text file holds one: a binary file
+        line_no = data.count(b"\n", 0, nul) + 1
+        raise CorpusError(f"{path}: line {line_no}: a NUL byte at byte {nul}: a binary file, not text")
     raw = text.split("\n")  # not splitlines(): U+2028 and friends are not line breaks in BabyLM files
     if raw[-1] == "":
         raw.pop()  # the final newline ends the last line; it does not start an empty one

@@ -17,6 +17,8 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from kdcache.cache import schema
+from kdcache.cache.lock import lock_store
+from kdcache.cache.manifest import seal_store
 from kdcache.config import Config, RunPaths, run_paths
 from kdcache.cache.schema import StoreError
 from kdcache.files import staged
@@ -80,17 +82,20 @@ def write_store(cfg: Config, paths: RunPaths, tokenizer: PreTrainedTokenizerFast
             root[f"{schema.TOKENS}/{split}"].attrs.update(
                 {"lines": len(corpus[split].lines), "tokens": len(stream), "dropped_tokens": dropped}
             )
+        seal_store(tmp)  # the store is whole: record what it holds (cache.manifest)
 
 
 def prepare_data(cfg: Config, runs_root: str | Path = "runs", overwrite: bool = False) -> RunPaths:
     """Corpus -> tokenizer -> token store, all under runs_root/<name>/."""
     paths = run_paths(cfg, runs_root)
-    check_replaceable(paths.store, overwrite)  # before the tokenizer the teachers used is retrained
-    corpus = build_corpus(cfg, paths)
-    tokenizer = train_tokenizer(
-        paths.corpus / "train.txt", cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, paths.tokenizer
-    )
-    write_store(cfg, paths, tokenizer, corpus)
+    paths.store.parent.mkdir(parents=True, exist_ok=True)
+    with lock_store(paths.store, "kdcache data"):  # no precompute is writing the store or reading the tokenizer
+        check_replaceable(paths.store, overwrite)  # before the tokenizer the teachers used is retrained
+        corpus = build_corpus(cfg, paths)
+        tokenizer = train_tokenizer(
+            paths.corpus / "train.txt", cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, paths.tokenizer
+        )
+        write_store(cfg, paths, tokenizer, corpus)
     return paths
 
 

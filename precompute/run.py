@@ -8,6 +8,8 @@ their mean logits is cached as the group "ensemble" as well.
 Work is split into whole shards: a shard's targets are computed batch by batch, assembled in host memory,
 written array by array as whole shard files (precompute.writer), and only then marked complete. A rerun skips
 complete shards, so a killed run resumes to the same bytes; under torchrun rank r computes shards r, r+W, ...
+One writer at a time: rank 0 holds the store's write lock (cache.lock) for the whole run; a full disk stops the
+run with a StoreError, leaving only complete shards.
 Groups computed with other settings are refused (precompute.plan).
 """
 
@@ -16,22 +18,27 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import zarr
 
 from kdcache.cache.schema import (
-    ENSEMBLE, MAX_SAMPLES, TEACHERS, TOKENS, StoreError, completed_shards, num_shards, open_store, shard_range,
-    splits as store_splits,
+    COMPLETE, ENSEMBLE, MAX_SAMPLES, TEACHERS, TOKENS, StoreError, completed_shards, num_shards, open_store,
+    shard_range, splits as store_splits,
 )
+from kdcache.cache.lock import lock_store
+from kdcache.cache.layout import local_path
+from kdcache.cache.manifest import seal_store, unseal_store
 from kdcache.config import Config, ConfigError, run_paths
 from kdcache.precompute.plan import GroupPlan, ensemble_plan, prepare_groups, teacher_plan
 from kdcache.precompute.targets import batch_targets, shard_generator
 from kdcache.precompute.teachers import Teacher, load_teacher, teacher_source
-from kdcache.precompute.writer import ShardWriter
+from kdcache.precompute.writer import ShardWriter, refuse_full_disk
 from kdcache.progress import with_progress
 from kdcache.runtime import Dist, barrier, init_distributed
 
@@ -100,7 +107,7 @@ def _run_pass(root: zarr.Group, store: str, teachers: list[Teacher], plans: list
                 buffers = writer.buffers()
                 for lo in range(0, len(rows), cache.batch_size):
                     batch = ids[lo:lo + cache.batch_size].to(d.device, non_blocking=True)
-                    targets = batch_targets(teachers, batch, cache, generators, ensemble)
+                    targets = batch_targets(teachers, batch, cache, generators, ensemble, (split, rows[lo]))
                     writer.stage(buffers, targets, slice(lo, lo + len(batch)))
                 writer.submit(buffers, todo, shard, rows)
                 stats.positions += len(rows) * seq_len
@@ -111,6 +118,12 @@ def _run_pass(root: zarr.Group, store: str, teachers: list[Teacher], plans: list
     stats.seconds = time.perf_counter() - start
     stats.writer_wait_s = writer.waited_s
     return stats
+
+
+def _complete(root: zarr.Group, plans: list[GroupPlan], split_names: list[str]) -> bool:
+    """Whether every split of every planned group exists with all of its shards complete (nothing to write)."""
+    paths = [f"{TEACHERS}/{plan.name}/{split}" for plan in plans for split in split_names]
+    return all(f"{path}/{COMPLETE}" in root and completed_shards(root[path]).all() for path in paths)
 
 
 def _read_ahead(tokens: zarr.Array, shards: list[int], per_shard: int) -> Iterator[torch.Tensor]:
@@ -160,10 +173,38 @@ def precompute_targets(cfg: Config, runs_root: str | os.PathLike = "runs", overw
     of threads compressing shards (default `default_writers`). Returns this rank's stats.
     """
     d = init_distributed(device)
+    store = str(store or run_paths(cfg, runs_root).store)
+    with _write_lock(store, d):
+        return _precompute(cfg, runs_root, overwrite, teachers, d, store, writers)
+
+
+@contextmanager
+def _write_lock(store: str, d: Dist) -> Iterator[None]:
+    """Rank 0 holds the store's write lock (cache.lock) for the whole run; no rank writes before it has it."""
+    lock, refused = None, None
+    if d.main:
+        try:
+            lock = lock_store(store, "kdcache precompute")
+        except StoreError as e:
+            refused = str(e)
+    if d.world > 1:
+        message = [refused]
+        dist.broadcast_object_list(message, src=0)
+        refused = message[0]
+    if refused:
+        raise StoreError(refused)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _precompute(cfg: Config, runs_root: str | os.PathLike, overwrite: bool,
+                teachers: list[str] | tuple[str, ...] | None, d: Dist, store: str, writers: int | None) -> PrecomputeStats:
     writers = default_writers(d.device) if writers is None else writers
     if writers < 1:
         raise ConfigError(f"writers {writers}: need at least one thread compressing shards")
-    store = str(store or run_paths(cfg, runs_root).store)
     root = open_store(store, mode="r+")
     store_attrs = _store_attrs(root, store, cfg.cache.splits)
     names = _selected_teachers(cfg, teachers)
@@ -180,9 +221,15 @@ def precompute_targets(cfg: Config, runs_root: str | os.PathLike = "runs", overw
         plans = [teacher_plan(cfg, t, store_attrs, precision) for t in loaded]
         if cfg.cache.ensemble:
             plans.append(ensemble_plan(cfg, loaded, store_attrs, precision))
-        prepare_groups(root, store, plans, cfg, overwrite, d)
+        if d.main and (overwrite or not _complete(root, plans, cfg.cache.splits)):
+            unseal_store(store)  # the store is about to change: its manifest no longer describes it until sealed again
+        with refuse_full_disk(store, "creating the teacher groups"):
+            prepare_groups(root, store, plans, cfg, overwrite, d)
         with torch.inference_mode():
             stats.add(_run_pass(root, store, loaded, plans, cfg, d, writers))
         del loaded
     barrier(d)
+    if d.main:  # every rank's shards are in: record what the store now holds (cache.manifest)
+        with refuse_full_disk(store, "writing the store's manifest"):
+            seal_store(store)
     return stats

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from kdcache.cache.schema import ENSEMBLE, canonical_json
 from kdcache.config import CacheConfig
+from kdcache.errors import KdcacheError
 from kdcache.precompute.teachers import Teacher
 
 
@@ -120,23 +121,46 @@ def forward(model: PreTrainedModel, ids: torch.Tensor, hidden: bool = False) -> 
         return model(input_ids=ids, output_hidden_states=hidden, use_cache=False)
 
 
+class NonFiniteTargets(KdcacheError):
+    """A teacher whose logits (or hidden states) are NaN or inf, or beyond float16: nothing of the shard is stored."""
+
+
+def check_finite(group: str, arrays: dict[str, torch.Tensor], split: str, first: int) -> None:
+    """Refuse NaN or inf in a group's float arrays of one batch, naming the split and sequence (`first` is the
+    batch's first). A NaN or +inf logit anywhere makes the logsumexps non-finite, and a logit or hidden value beyond
+    float16 becomes inf in its stored array, so the stored arrays are what is checked. One device sync per call."""
+    lse = arrays["lse"]
+    bad = torch.zeros(lse.shape[:2], dtype=torch.bool, device=lse.device)
+    for x in (x for x in arrays.values() if x.is_floating_point()):
+        bad |= ~torch.isfinite(x).reshape(*bad.shape, -1).all(-1)
+    if bad.any():
+        row, position = (int(i) for i in bad.nonzero()[0])
+        raise NonFiniteTargets(f"teacher {group!r}: NaN or inf targets at {split} sequence {first + row}, position "
+                               f"{position} (the teacher's logits or hidden states are not finite, or exceed float16); "
+                               "refused: that shard is not written")
+
+
 def batch_targets(teachers: list[Teacher], ids: torch.Tensor, cache: CacheConfig,
-                  generators: dict[str, torch.Generator], ensemble: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """Every group's arrays for one batch of token ids [B, L]."""
+                  generators: dict[str, torch.Generator], ensemble: bool,
+                  where: tuple[str, int]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every group's arrays for one batch of token ids [B, L]; `where` is (split, index of the batch's first
+    sequence), for `check_finite`'s message."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     total = None
     for teacher in teachers:
         result = forward(teacher.model, ids, hidden=bool(teacher.hidden_layers))
         logits = result.logits  # bfloat16 under autocast: top-k is exact on it, the float32 math upcasts
         arrays = topk_targets(logits, cache.k, cache.temperatures)
+        for layer in teacher.hidden_layers:
+            arrays.update(hidden_targets(result.hidden_states[layer], layer, cache.hidden_dtype))
+        check_finite(teacher.name, arrays, *where)  # before sampling, which fails on NaN probabilities
         if cache.samples:
             arrays["sample_ids"], arrays["sample_counts"] = sample_counts(
                 logits, cache.samples, cache.sample_temperature, generators[teacher.name])
-        for layer in teacher.hidden_layers:
-            arrays.update(hidden_targets(result.hidden_states[layer], layer, cache.hidden_dtype))
         out[teacher.name] = arrays
         if ensemble:
             total = logits.float() if total is None else total + logits.float()
     if ensemble:
         out[ENSEMBLE] = topk_targets(total / len(teachers), cache.k, cache.temperatures)
+        check_finite(ENSEMBLE, out[ENSEMBLE], *where)
     return out

@@ -15,21 +15,37 @@ slower (1.2M vs 2.0M positions/s), so one background writer thread plus the enco
 
 from __future__ import annotations
 
+import errno
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from kdcache.cache.encoder import ShardedArrayWriter
-from kdcache.cache.schema import ArraySpec, mark_shard_complete, open_store
+from kdcache.cache.schema import ArraySpec, StoreError, mark_shard_complete, open_store
 
 Layout = dict[str, dict[str, ArraySpec]]  # teacher group -> array name -> spec
 Buffers = dict[str, dict[str, torch.Tensor]]  # teacher group -> array name -> [per_shard, L, ...] host tensor
 ShardArrays = dict[str, dict[str, np.ndarray]]  # split group path -> array name -> [n, L, ...]
 
 DEPTH = 2  # shards waiting for (or in) the writer thread: one being written, one queued
+
+
+@contextmanager
+def refuse_full_disk(store: str, doing: str) -> Iterator[None]:
+    """A full disk (or quota) becomes a StoreError naming the store. Every write is atomic, so what failed left
+    nothing behind, and the shards marked complete stay: a rerun with free space finishes the rest."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StoreError(f"{store}: the disk is full ({e.strerror}) while {doing}; the shards already complete are "
+                         "kept: free some space and rerun `kdcache precompute` to finish") from None
 
 
 class ShardWriter:
@@ -120,10 +136,11 @@ class ShardWriter:
         try:
             if event is not None:
                 event.synchronize()
-            for path, named in arrays.items():
-                for name, values in named.items():
-                    self._array(f"{path}/{name}").write(shard, values)
-                mark_shard_complete(self._root[path], shard)
+            with refuse_full_disk(self._store, f"writing shard {shard}"):
+                for path, named in arrays.items():
+                    for name, values in named.items():
+                        self._array(f"{path}/{name}").write(shard, values)
+                    mark_shard_complete(self._root[path], shard)
         except BaseException:
             self._failed = True
             raise

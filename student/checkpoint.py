@@ -2,7 +2,8 @@
 
 `checkpoints/latest.pt` holds the model, the extra trainable modules, the optimizer, the scheduler, every rank's
 RNG state and the step, with a fingerprint of the run (model, data, seed, trajectory-relevant training settings);
-it is written atomically, so a crash mid-write leaves the previous one intact.
+it is written atomically, so a crash mid-write leaves the previous one intact (the next start removes the temporary
+file such a crash left).
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ def restore(path: Path, fingerprint: dict[str, Any], state: TrainState, d: Dist)
 def start_step(out_dir: Path, resume: bool, fingerprint: dict[str, Any], state: TrainState, d: Dist) -> int:
     """0 for a fresh run; with `resume`, the step its checkpoint reached (restored into `state`)."""
     path = out_dir / CHECKPOINT
+    if d.main:  # what a run killed while saving left beside the last complete checkpoint is never loaded
+        for debris in path.parent.glob(f"{path.name}.*.partial"):
+            debris.unlink()
     if not path.exists():
         return 0
     if not resume:

@@ -15,8 +15,9 @@ import zarr
 from torch import Tensor, nn
 
 from kdcache.cache import schema
+from kdcache.cache.manifest import checked_manifest
 from kdcache.cache.schema import StoreError
-from kdcache.config import Config, run_paths
+from kdcache.config import Config, RunPaths, run_paths
 from kdcache.student.data import TokenDataset
 from kdcache.student.kd import DistillDataset, KDLoss, KDPlan
 from kdcache.student.kd.hidden import HiddenAlignment, HiddenPair, uniform_layer_mapping
@@ -58,6 +59,19 @@ def hidden_pairs(cfg: Config, store: zarr.Group, num_student_layers: int) -> tup
     return tuple(HiddenPair(s, t, l, dim(t, l), quantized(t)) for s, t, l in pairs)
 
 
+def check_run_matches_store(cfg: Config, paths: RunPaths, attrs: dict, tokenizer_sha: str) -> None:
+    """Refuse a config that no longer describes the store (edited after `kdcache data`), before any student is built."""
+    problems = [f"{key} is {mine!r}, the store's is {attrs.get(name)!r}"
+                for key, name, mine in (("tokenizer.vocab_size", "vocab_size", cfg.tokenizer.vocab_size),
+                                        ("data.seq_len", "seq_len", cfg.data.seq_len)) if attrs.get(name) != mine]
+    if attrs.get("tokenizer_sha256") != tokenizer_sha:
+        problems.append(f"{paths.tokenizer} is not the tokenizer the store's tokens were made with "
+                        "(tokenizer_sha256 differs)")
+    if problems:
+        raise StoreError(f"{cfg.source_path} does not match the store {paths.store}: " + "; ".join(problems)
+                         + " (rerun `kdcache data --overwrite` and `kdcache precompute`, or restore the config)")
+
+
 def make_kd_loss(plan: KDPlan, hidden: HiddenAlignment | None) -> LossFn:
     """The trainer's loss_fn(model, batch): the plan's KD loss, plus the weighted hidden alignment if any."""
     kd = KDLoss(plan)
@@ -80,10 +94,12 @@ def distill(cfg: Config, runs_root: str | Path = "runs", resume: bool = False, b
     hard labels only (runs/<n>/baseline); `online`: the comparison run with the teachers in memory and dense KL
     (runs/<n>/online). `out_dir` replaces that default directory (a study's runs)."""
     paths = run_paths(cfg, runs_root)
+    checked_manifest(paths.store, "train", None)  # a damaged metadata document is named before zarr reads it
     store = schema.open_store(str(paths.store))
     attrs = dict(store.attrs)
-    expect = {"tokenizer_sha": schema.tokenizer_sha256(paths.tokenizer), "vocab_size": attrs.get("vocab_size"),
+    expect = {"tokenizer_sha": schema.tokenizer_sha256(paths.tokenizer), "vocab_size": cfg.tokenizer.vocab_size,
               "seq_len": cfg.data.seq_len}
+    check_run_matches_store(cfg, paths, attrs, expect["tokenizer_sha"])
     torch.manual_seed(cfg.seed)  # same initial student with and without distillation
     model = build_model(cfg.student, attrs["vocab_size"], attrs["special_ids"])
     fingerprint = {"student": dataclasses.asdict(cfg.student), "tokenizer_sha256": expect["tokenizer_sha"]}

@@ -8,6 +8,7 @@ argmax takes the first (good) option. Accuracy is per paradigm (file), then the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -198,10 +199,18 @@ def compare(reports: Mapping[str, Mapping[str, Any]], paradigms: bool = True) ->
     return "\n".join(line.rstrip() for line in lines)
 
 
-def model_name(model_dir: str | Path) -> str:
-    """runs/x/teachers/llama/model -> llama; any other directory -> its own name."""
+def model_name(model_dir: str | Path, run: Mapping[str, str] | None = None) -> str:
+    """The name of a model's column and report: runs/x/teachers/llama/model -> llama, any other directory -> its own.
+
+    With `run` (a run's models, `run_models`), whose reports share runs/<name>/eval/, one of the run's models keeps
+    its name there and any other directory gets a digest of its path as well (other/student/model ->
+    student-1a2b3c4d), so that its report cannot replace the run's own."""
     path = Path(model_dir).resolve()
-    return path.parent.name if path.name == "model" else path.name
+    name = path.parent.name if path.name == "model" else path.name
+    if run is None:
+        return name
+    own = [key for key, source in run.items() if Path(source).resolve() == path]
+    return own[0] if own else f"{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 def run_models(cfg: Config, runs_root: str | Path = "runs") -> dict[str, str]:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from kdcache.files import atomic_write
 from kdcache.progress import progress
 from kdcache.runtime import Dist, barrier
 from kdcache.student.data import TokenDataset
@@ -30,8 +31,7 @@ class MetricsLog:
     def __init__(self, out_dir: Path, keep_until: int):
         path = out_dir / METRICS
         kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= keep_until] if path.exists() else []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(line + "\n" for line in kept))
+        atomic_write(path, "".join(line + "\n" for line in kept))  # a kill here must not lose the history
         self.file = path.open("a")
         self.tensorboard = None
         if find_spec("tensorboard"):

@@ -81,7 +81,7 @@ def test_a_plan_resolves_groups_and_lse_columns_against_the_store(store):
         kdcache.KDPlan.from_store(store, {"tl": 1.0}, form="tail", temperature=3.0, hard_weight=0.5)
     # samples drawn at T=2 (cache.sample_temperature) estimate the teacher at T=2 only
     assert kdcache.KDPlan.from_store(store, {"tl": 1.0}, form="sampled", temperature=2.0, hard_weight=0.5)
-    with pytest.raises(StoreError, match=r"'tl' its samples were drawn at T=2.0 .* but distill.temperature is 1.0"):
+    with pytest.raises(StoreError, match=r"'tl' holds samples drawn at T=2.0 .* but distill.temperature is 1.0"):
         kdcache.KDPlan.from_store(store, {"tl": 1.0}, form="sampled", temperature=1.0, hard_weight=0.5)
 
 

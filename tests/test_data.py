@@ -145,6 +145,6 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, text, expected):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     result = CliRunner().invoke(data, ["--config", str(path), "--runs-root", str(tmp_path / "runs")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
     assert expected in result.output and "Traceback" not in result.output

@@ -208,7 +208,7 @@ def test_a_store_from_another_tokenizer_is_refused(run, tmp_path):
     tok = other / "tokenizer" / "tokenizer.json"
     tok.write_text(tok.read_text().replace('"<pad>"', '"<PAD>"', 1))
     result = CliRunner().invoke(main, ["distill", "--config", str(config), "--runs-root", str(runs)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "tokenizer_sha256" in result.output and "cache.zarr" in result.output
 
 

@@ -176,7 +176,7 @@ def test_eval_command_reports_every_model_of_a_run(tokenizer_dir, pairs, tmp_pat
     other = make_tokenizer(tmp_path / "other", [line.upper() for line in LINES])  # same size, another vocabulary
     foreign = model_dir(other, tmp_path / "foreign")
     result = CliRunner().invoke(evaluate, [str(foreign), "--store", str(paths.store)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert f"Error: {foreign}: the model's tokenizer is not the one the tokens of {paths.store} were made with" in result.output
     result = CliRunner().invoke(evaluate, [str(tmp_path / "nope")])
-    assert result.exit_code == 1 and f"Error: {tmp_path / 'nope'}: model directory not found" in result.output
+    assert result.exit_code == 2 and f"Error: {tmp_path / 'nope'}: model directory not found" in result.output

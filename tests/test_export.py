@@ -71,13 +71,13 @@ def test_export_command_from_a_checkpoint_or_a_model_directory(tokenizer_dir, tm
 def test_export_errors_name_the_file(tokenizer_dir, tmp_path):
     missing = tmp_path / "missing.pt"
     result = CliRunner().invoke(export, [str(missing), str(tmp_path / "out")])
-    assert result.exit_code == 1 and f"Error: {missing}: checkpoint not found" in result.output
+    assert result.exit_code == 2 and f"Error: {missing}: checkpoint not found" in result.output
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     result = CliRunner().invoke(export, [str(garbage), str(tmp_path / "out")])
-    assert result.exit_code == 1 and f"Error: {garbage}: not a readable kdcache checkpoint" in result.output
+    assert result.exit_code == 2 and f"Error: {garbage}: not a readable kdcache checkpoint" in result.output
     result = CliRunner().invoke(export, [str(tmp_path), str(tmp_path / "out")])
-    assert result.exit_code == 1 and f"Error: {tmp_path}: no config.json here" in result.output
+    assert result.exit_code == 2 and f"Error: {tmp_path}: no config.json here" in result.output
 
     other = make_tokenizer(tmp_path / "other", LINES, vocab_size=300)
     with pytest.raises(ExportError, match=f"{other}: the tokenizer has 300 tokens, the model's vocab_size is {VOCAB}"):

@@ -182,4 +182,4 @@ def test_pairs_are_written_as_blimp_jsonl(tmp_path):
         assert all(set(r) == {"sentence_good", "sentence_bad", "UID", "field", "linguistics_term", "pairID"}
                    for r in records)
         assert {r["UID"] for r in records} == {path.stem}
-    assert not list(tmp_path.glob("*.tmp-*"))
+    assert not list(tmp_path.glob("*.partial"))

@@ -468,6 +468,6 @@ def test_errors_are_one_line(built, other_version, tmp_path, case):
 def test_errors_in_a_subprocess(built, other_version, tmp_path, case):
     args, message = error_cases(built, other_version, tmp_path)[case]
     proc = subprocess_cli(*args)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stdout == "" and message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

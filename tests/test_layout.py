@@ -22,7 +22,7 @@ LAYERS = [
     ("kdcache.cli", 5), ("kdcache.api", 5), ("kdcache.study", 5),
     ("kdcache.student", 4),
     ("kdcache.precompute", 3),
-    ("kdcache.config", 2), ("kdcache.runtime", 2),
+    ("kdcache.config", 2), ("kdcache.config_rules", 2), ("kdcache.runtime", 2),
     ("kdcache.cache", 1),
     ("kdcache.errors", 0), ("kdcache.files", 0), ("kdcache.progress", 0), ("kdcache.typed_yaml", 0), ("kdcache", 0),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,50 @@ def test_sampled_targets_at_another_temperature_are_refused_naming_both_keys(tmp
                                     "distill": {"form": "sampled", "temperature": 2.0}}))
     with pytest.raises(ConfigError, match=r"distill.temperature 2.0 != cache.sample_temperature 1.0"):
         load_config(path)
+
+
+@pytest.mark.slow
+def test_a_tiny_study_end_to_end_and_a_rerun_trains_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+    from test_distill import tiny_config
+
+    runs = tmp_path / "runs"
+    cfg = tiny_config(runs)
+    cfg["student_train"] = {**cfg["student_train"], "max_steps": 6, "eval_every": 3}
+    cfg["distill"]["hidden"]["weight"] = 0.0
+    cfg["study"] = {"seeds": [1, 2], "variants": {"ce": {"kind": "baseline"}, "tail": {},
+                                                  "renorm": {"distill": {"form": "renorm"}}}}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def kdcache(*args: str) -> str:
+        result = CliRunner().invoke(main, [*args, "--config", str(config), "--runs-root", str(runs)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    for step in ("data", "teachers", "precompute"):
+        kdcache(step)
+    def trained(output: str) -> list[str]:  # (Hugging Face's bars on the captured stderr share the lines)
+        return re.findall(r"study \d+/\d+: [^\n]*", output)
+
+    assert trained(kdcache("study")) == [
+        f"study {i}/6: {v}, seed {s} -> {runs}/tiny/study/{v}/seed{s}"
+        for i, (s, v) in enumerate([(s, v) for s in (1, 2) for v in ("ce", "tail", "renorm")], 1)]
+    root = runs / "tiny" / "study"
+    document = json.loads((root / "study.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in document["runs"]] == [(v, s) for s in (1, 2) for v in ("ce", "tail", "renorm")]
+    assert all(r["curve"] and [step for step, _ in r["curve"]] == [3, 6] for r in document["runs"])
+    assert set(document["summary"]["tail"]["vs_baseline"]) == {"dev_ce", "pairs"}
+    assert "vs_baseline" not in document["summary"]["ce"]
+    assert "| tail | kd | 2 |" in (root / "study.md").read_text() and (root / "study.png").stat().st_size > 10_000
+    # Same seed: the CE-only and the distilled student start from the same weights and read the same batches.
+    first = {v: json.loads((root / v / "seed1" / "metrics.jsonl").read_text().splitlines()[0]) for v in ("ce", "tail")}
+    assert first["ce"]["loss"] == pytest.approx(first["tail"]["hard_ce"], rel=1e-5)
+
+    before = {p: p.stat().st_mtime_ns for p in root.glob("*/seed*/result.json")}
+    assert trained(kdcache("study")) == []  # rerun: nothing trained, the report written again
+    assert before == {p: p.stat().st_mtime_ns for p in root.glob("*/seed*/result.json")}
+    (root / "renorm" / "seed2" / "result.json").unlink()  # an interrupted run: only it is redone
+    assert trained(kdcache("study")) == [f"study 6/6: renorm, seed 2 -> {runs}/tiny/study/renorm/seed2"]

@@ -113,7 +113,7 @@ def test_resume_after_a_crash_continues_exactly(data, tmp_path, shape):
     assert got == pytest.approx(expected, abs=1e-6)
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert not list((crashed / "checkpoints").glob("*.tmp-*"))  # no half-written checkpoint left behind
+    assert not list((crashed / "checkpoints").glob("*.partial"))  # no half-written checkpoint left behind
 
 
 def test_gradient_accumulation_equals_one_big_batch(data, tmp_path):
@@ -189,10 +189,10 @@ def test_teachers_command_errors_are_one_clear_line(tmp_path):
     cfg = make_run(tmp_path, [TeacherConfig("llama", TINY_LLAMA, train=tiny_train(max_steps=2))], LINES)
     result = CliRunner().invoke(teachers, ["--config", cfg.source_path, "--runs-root", str(tmp_path / "runs"),
                                            "--teacher", "nope"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert f"Error: {cfg.source_path}: no teacher named 'nope'" in result.output
     result = CliRunner().invoke(teachers, ["--config", cfg.source_path, "--runs-root", str(tmp_path / "elsewhere")])
-    assert result.exit_code == 1 and "elsewhere" in result.output and "not a kdcache store" in result.output
+    assert result.exit_code == 2 and "elsewhere" in result.output and "not a kdcache store" in result.output
 
 
 def test_dev_cross_entropy_is_logged_every_eval_every_steps_without_changing_the_run(data, tmp_path):

@@ -116,12 +116,15 @@ def distill(config_path: str, runs_root: str, resume: bool, baseline: bool, onli
 @click.option("--store", help="Store whose tokens/dev gives the held-out loss (default: the config's).")
 @click.option("--pairs", "pair_dirs", multiple=True, help="Directory of BLiMP-format *.jsonl files (repeatable).")
 @click.option("--json", "json_out", help="Write the report of the (one) model here.")
-@click.option("--batch-size", type=int, help="Sequences per forward pass (default: the config's eval.batch_size, else 64).")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Sequences per forward pass (default: the config's eval.batch_size, else 64).")
 def evaluate(model_dirs: tuple[str, ...], config_path: str | None, runs_root: str, store: str | None,
              pair_dirs: tuple[str, ...], json_out: str | None, batch_size: int | None) -> None:
     """Held-out loss and minimal-pair accuracy of MODEL_DIRS (default: every teacher and student of --config).
 
-    With --config each report goes to runs/<name>/eval/<model>.json; the table compares all models side by side.
+    With --config each report goes to runs/<name>/eval/<model>.json: a model of the run under its name (student,
+    a teacher's), any other directory under its name and a digest of its path (student-1a2b3c4d), so that no
+    report replaces another model's. The table compares all models side by side.
     """
     from kdcache.files import atomic_write
     from kdcache.student.evaluate import EvalError, compare, evaluate_model, model_name, run_models
@@ -129,16 +132,19 @@ def evaluate(model_dirs: tuple[str, ...], config_path: str | None, runs_root: st
     cfg = load_run_config(config_path) if config_path else None
     if not model_dirs and cfg is None:
         raise click.UsageError("give MODEL_DIRS or --config")
+    run = run_models(cfg, runs_root) if cfg is not None else None
     if model_dirs:
-        models = {model_name(d): d for d in model_dirs}
+        if missing := [d for d in model_dirs if not Path(d).is_dir()]:
+            raise EvalError(f"{missing[0]}: model directory not found")
+        models = {model_name(d, run): d for d in model_dirs}
     else:
-        models = run_models(cfg, runs_root)
+        models = dict(run)
         for name in [name for name, path in models.items() if not Path(path).is_dir()]:
             click.echo(f"{name}: no model at {models.pop(name)}, skipped")
     if len(models) < len(model_dirs):
         raise click.UsageError("two MODEL_DIRS share a name; reports are named after the model directory")
     if not models:
-        raise EvalError(f"{config_path}: no trained models to evaluate yet")
+        raise EvalError(f"{config_path}: no trained models to evaluate yet under {run_paths(cfg, runs_root).root}")
     if json_out and len(models) > 1:
         raise click.UsageError("--json takes one model; with --config the reports go to runs/<name>/eval/")
     if cfg is not None:
@@ -165,11 +171,16 @@ def evaluate(model_dirs: tuple[str, ...], config_path: str | None, runs_root: st
 @click.argument("out")
 @click.option("--tokenizer", "tokenizer_dir",
               help="Tokenizer directory (default: SOURCE's own, or the one a checkpoint was trained with).")
-def export(source: str, out: str, tokenizer_dir: str | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(source: str, out: str, tokenizer_dir: str | None, overwrite: bool) -> None:
     """Export SOURCE (a model directory or a training checkpoint .pt) to OUT as a Hugging Face directory."""
-    from kdcache.student.export import export_model, load_model_dir
+    from kdcache.student.export import ExportError, export_model, load_model_dir
     from kdcache.student.checkpoint import model_from_checkpoint
 
+    if Path(out).exists() and not overwrite:
+        raise ExportError(f"{out}: exists; export replaces OUT as a whole (pass --overwrite, or give a new path)")
+    if not Path(source).exists() and Path(source).suffix != ".pt":
+        raise ExportError(f"{source}: not found (SOURCE is a model directory or a training checkpoint .pt)")
     if Path(source).is_dir():
         model = load_model_dir(source)
         tokenizer_dir = tokenizer_dir or source

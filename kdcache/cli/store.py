@@ -13,6 +13,9 @@ from kdcache.cache import stats as st
 from kdcache.cache.inspect import (
     check_split, check_teachers, inspect_text, load_tokenizer, position_document, show_text, stats_text, summarize,
 )
+from kdcache.cache.layout import local_path
+from kdcache.cache.manifest import checked_manifest
+from kdcache.cache.reader import StoreReader
 from kdcache.cache.schema import TOKENS, StoreError, open_store
 from kdcache.cache.upgrade import upgrade_store
 from kdcache.cli.command import command
@@ -58,6 +61,7 @@ def inspect(store: str, as_json: bool) -> None:
 def show(store: str, seq: int, pos: int | None, teachers: tuple[str, ...], temperature: float, top: int,
          split: str, tokenizer_dir: str | None, as_json: bool) -> None:
     """The context at one position of STORE, its true next token, and each teacher's soft targets."""
+    checked_manifest(store, split, list(teachers) or None)  # a damaged document is named before zarr reads it
     root = open_store(store)
     check_split(root, split)
     names = check_teachers(root, teachers)
@@ -73,11 +77,21 @@ def show(store: str, seq: int, pos: int | None, teachers: tuple[str, ...], tempe
     for name in names:
         if not st.complete_sequences(root, name, split)[seq]:
             raise StoreError(f"{store}: teacher {name!r} has not finished the shard holding {split} sequence {seq}")
+    check_position(store, split, seq, n, names)
     tokenizer, warning = load_tokenizer(store, tokenizer_dir, root.attrs.get("tokenizer_sha256"))
     if warning:
         click.echo(f"warning: {warning}", err=True)
     document = position_document(root, store, split, seq, pos, names, temperature, top, tokenizer)
     emit(as_json, document, show_text)
+
+
+def check_position(store: str, split: str, seq: int, n: int, teachers: list[str]) -> None:
+    """Read what `show` reads of sequence `seq` (and the next one's tokens) through the direct reader first: a
+    damaged file is then named (zarr's errors do not name it) and checked against the store's manifest."""
+    if local_path(store) is not None:
+        reader = StoreReader(store, teachers=teachers, split=split, require_complete=False)
+        reader.batch([seq])
+        reader.readers["input_ids"].read_sequences(range(seq, min(seq + 2, n)))
 
 
 @command()
@@ -103,8 +117,9 @@ def sampled_stats(store: str, sample: int, seed: int, split: str, teachers: tupl
 @json_option
 @click.pass_context
 def verify(ctx: click.Context, store: str, as_json: bool) -> None:
-    """Check every shard of STORE: index checksums, shapes, completeness, NaN/inf, attributes. Exit 1 on any problem."""
-    from kdcache.cache.verify import verify_store  # the checks decode every chunk: only load them when asked
+    """Check every file of STORE against its manifest, and every shard: checksums, shapes, completeness, NaN/inf,
+    attributes. Exit 1 on any problem, one line each, naming the file."""
+    from kdcache.cache.verify import unsealed_note, verify_store  # the checks decode every chunk: load them if asked
 
     try:
         problems = verify_store(store)
@@ -113,9 +128,13 @@ def verify(ctx: click.Context, store: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"store": store, "ok": not problems, "problems": problems}, indent=2))
     else:
-        click.echo("\n".join(problems) if problems else f"{store}: ok")
+        note = unsealed_note(store)
+        click.echo("\n".join(problems) if problems else f"{store}: ok" + (f" ({note})" if note else ""))
     if problems:
         ctx.exit(1)
+
+
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 @command()
@@ -129,6 +148,8 @@ def plot(paths: tuple[str, ...], out: str, sample: int, seed: int, split: str, t
     cross-entropy learning curves of one or more training run directories (each holding a metrics.jsonl)."""
     if not Path(out).parent.is_dir():
         raise click.ClickException(f"{out}: directory {Path(out).parent} does not exist")
+    if Path(out).suffix.lower() not in FIGURE_SUFFIXES:
+        raise click.ClickException(f"{out}: a figure is written as {', '.join(FIGURE_SUFFIXES)}")
     runs = [Path(p) for p in paths if (Path(p) / "metrics.jsonl").is_file()]
     if runs:
         emit(as_json, plot_run_curves(paths, Path(out)), lambda d: f"wrote {d['out']} ({len(d['runs'])} runs)")

@@ -64,9 +64,12 @@ def plot_study(results: list[dict[str, Any]], summary: dict[str, Any], out: Path
     for ax, metric, label in ((ce_ax, "dev_ce", "final dev CE (nats)"), (pairs_ax, "pairs", "minimal-pair accuracy")):
         means = [summary[n][metric]["mean"] for n in names]
         errors = [summary[n][metric]["std"] or 0 for n in names]
-        ax.bar(names, means, yerr=errors, capsize=4, color="tab:blue", alpha=0.7)
-        for i, n in enumerate(names):  # every seed's value, so a reader sees the spread, not only its summary
-            ax.scatter([i] * len(summary[n][metric]["values"]), summary[n][metric]["values"], color="black", s=10, zorder=3)
+        # mean ± std as a point with error bars (a bar on a cut axis would exaggerate), and every seed's value
+        ax.errorbar(range(len(names)), means, yerr=errors, fmt="o", capsize=5, color="tab:blue", markersize=7)
+        for i, n in enumerate(names):
+            ax.scatter([i + 0.12] * len(summary[n][metric]["values"]), summary[n][metric]["values"], color="gray", s=12)
+        ax.set_xticks(range(len(names)), names)
+        ax.grid(axis="y", alpha=0.3)
         low, high = min(min(summary[n][metric]["values"]) for n in names), max(max(summary[n][metric]["values"]) for n in names)
         pad = (high - low) * 0.5 or abs(high) * 0.01 or 0.01
         ax.set(ylim=(low - pad, high + pad), title=label)

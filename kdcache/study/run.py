@@ -77,6 +77,23 @@ def write_result(cfg: Config, run: StudyRun, kind: str, model_dir: Path, seconds
     atomic_write(run.result, json.dumps(result, indent=2) + "\n")
 
 
+def teacher_results(cfg: Config, runs_root: str | Path = "runs") -> dict[str, dict[str, Any]]:
+    """Each teacher's dev CE and minimal pairs, the level the students are compared with (evaluated once, kept in
+    study/teachers/<name>.json)."""
+    paths = run_paths(cfg, runs_root)
+    results = {}
+    for teacher in cfg.teachers:
+        path = paths.study / "teachers" / f"{teacher.name}.json"
+        if not path.is_file():
+            report = evaluate_model(paths.teacher_model(teacher), store=paths.store,
+                                    pair_dirs=cfg.eval.minimal_pair_dirs, batch_size=cfg.eval.batch_size)
+            pairs = [r["mean"] for r in report["minimal_pairs"].values()]
+            atomic_write(path, json.dumps({"dev_ce": report["dev"]["ce"], "parameters": report["parameters"],
+                                           "pairs": sum(pairs) / len(pairs) if pairs else None}, indent=2) + "\n")
+        results[teacher.name] = json.loads(path.read_text())
+    return results
+
+
 def run_study(cfg: Config, runs_root: str | Path = "runs", echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every run's result, training the runs that have none yet."""
     runs = study_runs(cfg, runs_root)
@@ -96,17 +113,24 @@ def write_study(cfg: Config, results: list[dict[str, Any]], runs_root: str | Pat
     summary = summarize(results, baseline)
     root = run_paths(cfg, runs_root).study
     trained_s = sum(r["train_seconds"] for r in results)
+    teachers = teacher_results(cfg, runs_root)
     document = {"name": cfg.name, "config": cfg.source_path, "seeds": cfg.study.seeds, "baseline": baseline,
-                "wall_seconds": wall_seconds, "train_seconds": trained_s, "summary": summary, "runs": results,
+                "wall_seconds": wall_seconds, "train_seconds": trained_s, "teachers": teachers, "summary": summary,
+                "runs": results,
                 "variants": {name: vars(v) for name, v in cfg.study.variants.items()}}
     atomic_write(root / "study.json", json.dumps(document, indent=2) + "\n")
     plot_study(results, summary, root / "study.png", f"{cfg.name}: {len(cfg.study.seeds)} seeds per variant")
     overrides = "\n".join(f"- `{name}` ({v.kind}): distill {v.distill or '{}'}, student_train {v.student_train or '{}'}"
                           for name, v in cfg.study.variants.items())
+    teacher_lines = "\n".join(
+        f"- teacher `{name}`: {r['parameters'] / 1e6:.2f}M parameters, dev CE {r['dev_ce']:.4f}"
+        + ("" if r["pairs"] is None else f", minimal pairs {r['pairs']:.4f}") for name, r in teachers.items())
     markdown = f"""# Study `{cfg.name}`
 
 Config `{cfg.source_path}`; seeds {cfg.study.seeds} (a seed sets the student's initial weights and data order; the
 variants of one seed share both). Students trained in {trained_s / 60:.1f} min (this invocation: {wall_seconds / 60:.1f} min).
+
+{teacher_lines}
 
 {study_table(summary, baseline)}
 

@@ -36,9 +36,9 @@ class SampledForm(KDForm):
         # draws at one temperature estimate the teacher at that temperature only
         drawn = group_attrs.get("sample_temperature")
         if not group_attrs.get("samples"):
-            return "has no cached samples (cache.samples was 0)"
+            return "holds no samples (cache.samples was 0)"
         if drawn != temperature:
-            return (f"its samples were drawn at T={drawn} (the store's sample_temperature), but distill.temperature "
+            return (f"holds samples drawn at T={drawn} (the store's sample_temperature), but distill.temperature "
                     f"is {temperature}: set distill.temperature to {drawn}, or cache samples at {temperature}")
         return None
 
