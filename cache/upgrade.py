@@ -28,7 +28,8 @@ from kdcache.cache import FORMAT_VERSION, UPGRADABLE_VERSION
 from kdcache.cache.codecs import VOCAB_RANK, VocabRankCodec
 from kdcache.cache.encoder import encode_shard
 from kdcache.cache.layout import dir_bytes, layout_from_json, local_path
-from kdcache.cache.manifest import seal_store
+from kdcache.cache.lock import lock_store
+from kdcache.cache.manifest import seal_store, unseal_store
 from kdcache.cache.reader import ShardedArrayReader
 from kdcache.cache.schema import (
     TEACHERS, TOKENS, StoreError, completed_shards, ids_dtype, open_store, settings_digest, shard_range, splits,
@@ -62,21 +63,23 @@ def upgrade_store(path: str | os.PathLike) -> UpgradeReport:
         raise StoreError(f"{store}: format version {report.from_version!r} cannot be upgraded (only "
                          f"{UPGRADABLE_VERSION} can): recreate the store (`kdcache data --overwrite`, then "
                          f"`kdcache precompute`)")
-    if ids_dtype(root.attrs["vocab_size"]) == "uint16":  # int32 ids are stored as they are in format 3 too
-        for split in splits(root):
-            order = _split_vocab_order(root, directory, split)
-            for teacher in teacher_names(root):
-                group = root.get(f"{TEACHERS}/{teacher}/{split}")
-                ids_dir = directory / TEACHERS / teacher / split / "topk_ids"
-                _finish_interrupted_swap(ids_dir)
-                if group is not None and (ids_dir / "zarr.json").is_file():
-                    _rank_ids(ids_dir, order, completed_shards(group), report)
-    for teacher in teacher_names(root):
-        attrs = root[f"{TEACHERS}/{teacher}"].attrs
-        attrs.update({"format_version": FORMAT_VERSION,
-                      "settings_digest": settings_digest({**attrs.asdict(), "format_version": FORMAT_VERSION})})
-    root.attrs["format_version"] = FORMAT_VERSION  # last: the store claims the version once all of it has it
-    seal_store(directory)  # the store is whole again: record what it holds (cache.manifest)
+    with lock_store(store, "kdcache upgrade"):  # no other writer while shard files are swapped
+        unseal_store(directory)  # until sealed again, the store reads as one being written
+        if ids_dtype(root.attrs["vocab_size"]) == "uint16":  # int32 ids are stored as they are in format 3 too
+            for split in splits(root):
+                order = _split_vocab_order(root, directory, split)
+                for teacher in teacher_names(root):
+                    group = root.get(f"{TEACHERS}/{teacher}/{split}")
+                    ids_dir = directory / TEACHERS / teacher / split / "topk_ids"
+                    _finish_interrupted_swap(ids_dir)
+                    if group is not None and (ids_dir / "zarr.json").is_file():
+                        _rank_ids(ids_dir, order, completed_shards(group), report)
+        for teacher in teacher_names(root):
+            attrs = root[f"{TEACHERS}/{teacher}"].attrs
+            attrs.update({"format_version": FORMAT_VERSION,
+                          "settings_digest": settings_digest({**attrs.asdict(), "format_version": FORMAT_VERSION})})
+        root.attrs["format_version"] = FORMAT_VERSION  # last: the store claims the version once all of it has it
+        seal_store(directory)  # the store is whole again: record what it holds (cache.manifest)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -145,3 +145,12 @@ def test_other_versions_are_not_upgraded(complete_copy, version):
 def test_only_local_stores_are_upgraded():
     with pytest.raises(StoreError, match="needs a local store"):
         kdcache.cache.upgrade.upgrade_store("memory://somewhere")
+
+
+def test_upgrade_waits_for_no_other_writer(complete_copy):
+    from kdcache.cache.lock import lock_store
+
+    with lock_store(complete_copy, "kdcache precompute"):
+        with pytest.raises(StoreError, match=r"being written by kdcache precompute \(pid \d+"):
+            upgrade_store(complete_copy)
+    assert upgrade_store(complete_copy).from_version == 2  # once free, it runs

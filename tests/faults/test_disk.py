@@ -55,3 +55,20 @@ def test_a_full_disk_stops_precompute_cleanly_and_a_rerun_with_space_completes_i
     assert result.exit_code == 0, result.output
     assert tree(run, store) == reference
     assert invoke("verify", str(store)).output.strip() == f"{store}: ok"
+
+
+def test_a_full_disk_while_distilling_is_one_line_naming_the_file(fresh_run, monkeypatch):
+    """Every other write (checkpoints, metrics, exports) is atomic; the CLI says which file met the full disk."""
+    import errno
+
+    import kdcache.student.checkpoint
+
+    def full(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(kdcache.student.checkpoint.torch, "save", full)
+    result = invoke("distill", *fresh_run.args())
+    [error] = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert error.endswith(": No space left on device") and "/student/checkpoints/latest.pt" in error
+    assert not list((fresh_run.runs / "tiny" / "student" / "checkpoints").glob("*"))  # no half file left
