@@ -28,7 +28,7 @@ import torch.distributed as dist
 import zarr
 
 from kdcache.cache.schema import (
-    COMPLETE, ENSEMBLE, MAX_SAMPLES, TEACHERS, TOKENS, StoreError, completed_shards, num_shards, open_store,
+    COMPLETE, ENSEMBLE, TEACHERS, TOKENS, StoreError, completed_shards, num_shards, open_store,
     shard_range, splits as store_splits,
 )
 from kdcache.cache.lock import lock_store
@@ -208,9 +208,6 @@ def _precompute(cfg: Config, runs_root: str | os.PathLike, overwrite: bool,
     root = open_store(store, mode="r+")
     store_attrs = _store_attrs(root, store, cfg.cache.splits)
     names = _selected_teachers(cfg, teachers)
-    if cfg.cache.samples > MAX_SAMPLES:
-        raise ConfigError(f"{cfg.source_path}: cache.samples {cfg.cache.samples} > {MAX_SAMPLES} "
-                          "(sample counts are uint16)")
     if cfg.cache.ensemble and ENSEMBLE in names:
         raise ConfigError(f"{cfg.source_path}: a teacher may not be named {ENSEMBLE!r} when cache.ensemble is on")
     precision = "bfloat16-autocast" if d.device.type == "cuda" else "float32"

@@ -97,7 +97,8 @@ class RunReport:
         self.d, self.steps_per_epoch = d, steps_per_epoch
         self.log = MetricsLog(out_dir, keep_until=start) if d.main else None
         self.sums = MetricSums(d.device)
-        self.progress = progress(total, initial=start, desc=out_dir.name, unit="step", disable=not d.main)
+        self.progress = progress(total, initial=start, desc=f"{out_dir.parent.name}/{out_dir.name}", unit="step",
+                                 disable=not d.main)
         self.window_start = time.perf_counter()
         self.postfix: dict[str, str] = {}
 
