@@ -86,15 +86,15 @@ def read_pairs(path: Path) -> list[Pair]:
     return pairs
 
 
-def read_pair_dir(directory: str | Path) -> dict[str, list[Pair]]:
-    """Paradigm (file stem) -> pairs, for every *.jsonl file of a directory."""
+def read_pair_dir(directory: str | Path, limit: int = 0) -> dict[str, list[Pair]]:
+    """Paradigm (file stem) -> pairs, for every *.jsonl file of a directory (the first `limit` of each, if > 0)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EvalError(f"{directory}: minimal-pair directory not found")
     files = sorted(directory.glob("*.jsonl"))
     if not files:
         raise EvalError(f"{directory}: no *.jsonl files")
-    return {f.stem: read_pairs(f) for f in files}
+    return {f.stem: read_pairs(f)[:limit or None] for f in files}
 
 
 def encode_sentences(tokenizer: PreTrainedTokenizerBase, sentences: list[str]) -> list[list[int]]:
@@ -138,10 +138,11 @@ def check_lengths(directory: Path, paradigms: dict[str, list[Pair]], sequences: 
 
 
 def minimal_pair_accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, batch_size: int
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path, batch_size: int, limit: int = 0
 ) -> dict[str, Any]:
-    """Accuracy per paradigm and the plain mean over paradigms of one directory of jsonl files."""
-    paradigms = read_pair_dir(directory)
+    """Accuracy per paradigm and the plain mean over paradigms of one directory of jsonl files (the first `limit`
+    pairs of each paradigm, if > 0)."""
+    paradigms = read_pair_dir(directory, limit)
     sentences = [s for pairs in paradigms.values() for pair in pairs for s in pair]
     sequences = encode_sentences(tokenizer, sentences)
     check_lengths(Path(directory), paradigms, sequences, model.config.max_position_embeddings)
@@ -162,9 +163,11 @@ def minimal_pair_accuracy(
 
 
 def evaluate_model(
-    source: str | Path, *, store: str | Path | None = None, pair_dirs: Iterable[str | Path] = (), batch_size: int = 64
+    source: str | Path, *, store: str | Path | None = None, pair_dirs: Iterable[str | Path] = (), batch_size: int = 64,
+    pairs_per_paradigm: int = 0,
 ) -> dict[str, Any]:
-    """One model's report: parameters, dev loss on the store (if given), minimal-pair accuracy per directory."""
+    """One model's report: parameters, dev loss on the store (if given), minimal-pair accuracy per directory (the
+    first `pairs_per_paradigm` pairs of each paradigm, if > 0)."""
     model, tokenizer = load_model(source)
     report: dict[str, Any] = {"source": str(source), "parameters": count_parameters(model), "convention": CONVENTION}
     if store is not None:
@@ -172,7 +175,8 @@ def evaluate_model(
         if tokenizer_sha256(source) != dataset.attrs["tokenizer_sha256"]:
             raise StoreError(f"{source}: the model's tokenizer is not the one the tokens of {store} were made with")
         report["dev"] = dev_loss(model, dataset, batch_size)
-    report["minimal_pairs"] = {str(d): minimal_pair_accuracy(model, tokenizer, d, batch_size) for d in pair_dirs}
+    report["minimal_pairs"] = {str(d): minimal_pair_accuracy(model, tokenizer, d, batch_size, pairs_per_paradigm)
+                               for d in pair_dirs}
     return report
 
 

@@ -73,6 +73,16 @@ def test_batched_scores_equal_one_sentence_at_a_time(tokenizer_dir, pairs, tmp_p
     expected = {name: sum(next(scores) >= next(scores) for _ in ps) / len(ps) for name, ps in paradigms.items()}
     assert result["paradigms"] == expected
     assert result["mean"] == pytest.approx(sum(expected.values()) / len(expected))
+
+    # eval.pairs_per_paradigm: the first N pairs of each paradigm, scored exactly as in the full run
+    first3 = read_pair_dir(pairs, limit=3)
+    assert first3 == {name: ps[:3] for name, ps in paradigms.items()}
+    capped = minimal_pair_accuracy(model, tokenizer, pairs, batch_size=7, limit=3)
+    scores = iter(reference)
+    full_pairs = {name: [(next(scores), next(scores)) for _ in ps] for name, ps in paradigms.items()}
+    assert capped["pairs"] == sum(len(ps) for ps in first3.values())
+    assert capped["paradigms"] == {name: sum(g >= b for g, b in sc[:3]) / len(first3[name])
+                                   for name, sc in full_pairs.items()}
     assert result["pairs"] == 41 and result["pairs_per_s"] > 0
 
 

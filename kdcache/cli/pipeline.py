@@ -155,7 +155,8 @@ def evaluate(model_dirs: tuple[str, ...], config_path: str | None, runs_root: st
     for name, source in models.items():
         click.echo(f"evaluating {name} ({source})")
         reports[name] = report = evaluate_model(source, store=store, pair_dirs=list(pair_dirs),
-                                                batch_size=batch_size or 64)
+                                                batch_size=batch_size or 64,
+                                                pairs_per_paradigm=cfg.eval.pairs_per_paradigm if cfg else 0)
         for directory, result in report["minimal_pairs"].items():
             click.echo(f"  {directory}: {result['pairs']:,} pairs, {result['pairs_per_s']:,.0f} pairs/s")
         document = json.dumps(report, indent=2) + "\n"

@@ -62,7 +62,8 @@ def write_result(cfg: Config, run: StudyRun, kind: str, model_dir: Path, seconds
     """The trained student's dev loss, minimal pairs, throughput and learning curve, as the run's result.json."""
     paths = run_paths(cfg, runs_root)
     report = evaluate_model(model_dir, store=paths.store, pair_dirs=cfg.eval.minimal_pair_dirs,
-                            batch_size=cfg.eval.batch_size)
+                            batch_size=cfg.eval.batch_size,
+                            pairs_per_paradigm=cfg.eval.pairs_per_paradigm)
     records = read_metrics(run.directory)
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     result = {
@@ -86,7 +87,8 @@ def teacher_results(cfg: Config, runs_root: str | Path = "runs") -> dict[str, di
         path = paths.study / "teachers" / f"{teacher.name}.json"
         if not path.is_file():
             report = evaluate_model(paths.teacher_model(teacher), store=paths.store,
-                                    pair_dirs=cfg.eval.minimal_pair_dirs, batch_size=cfg.eval.batch_size)
+                                    pair_dirs=cfg.eval.minimal_pair_dirs, batch_size=cfg.eval.batch_size,
+                                    pairs_per_paradigm=cfg.eval.pairs_per_paradigm)
             pairs = [r["mean"] for r in report["minimal_pairs"].values()]
             atomic_write(path, json.dumps({"dev_ce": report["dev"]["ce"], "parameters": report["parameters"],
                                            "pairs": sum(pairs) / len(pairs) if pairs else None}, indent=2) + "\n")
