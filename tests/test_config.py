@@ -96,3 +96,16 @@ def test_an_unknown_kd_form_is_refused_when_the_cli_loads_the_config(tmp_path, t
     with pytest.raises(ConfigError) as err:  # ... every pipeline command refuses it before any work
         load_run_config(str(path))
     assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_the_real_text_study_config_has_the_variants_the_quality_study_needs():
+    from kdcache.cli.pipeline import load_run_config
+
+    cfg = load_run_config(str(REPO / "configs" / "real_cpu.yaml"))  # the KD forms checked too
+    assert cfg.study.seeds == [1, 2, 3]
+    kinds = {name: v.kind for name, v in cfg.study.variants.items()}
+    assert kinds == {"ce": "baseline", "tail": "kd", "sampled": "kd", "hidden": "kd", "online": "online"}
+    sampled = cfg.variant("sampled", 1)
+    assert sampled.distill.form == "sampled" and sampled.distill.temperature == cfg.cache.sample_temperature
+    assert cfg.variant("hidden", 1).distill.hidden.weight > 0 and cfg.cache.hidden_layers
+    assert all(Path(p).name == "blimp" for p in cfg.eval.minimal_pair_dirs)
