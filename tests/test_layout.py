@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -127,8 +128,11 @@ def test_a_stage_imported_by_its_bare_name_is_refused():
 
 @pytest.mark.slow
 def test_the_wheel_installs_nothing_outside_kdcache(tmp_path):
+    # built from a copy: setuptools leaves build/ and *.egg-info beside the sources it builds
+    source = shutil.copytree(REPO, tmp_path / "src", ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache", "benchmarks", "docs", "tests"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
-                    str(REPO)], check=True, capture_output=True, timeout=300)
+                    str(source)], check=True, capture_output=True, timeout=300)
     [wheel] = tmp_path.glob("kdcache-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"kdcache", f"kdcache-{importlib.metadata.version('kdcache')}.dist-info"}
