@@ -2,8 +2,9 @@
 
 A user's error is a KdcacheError (bad config, store, corpus, run, ...), an OSError the file system raised on a
 path the user gave (read-only, permission denied, disk full: its message names the path), or a click error about
-the command line (an option out of range; click's usage errors already exit 2). Exit 1 stays what a command documents for itself
-(`kdcache verify`: problems found).
+the command line (an option out of range; click's usage errors already exit 2). An error a DataLoader worker
+raised is printed as that worker raised it. Exit 1 stays what a command documents for itself (`kdcache verify`:
+problems found).
 """
 
 from __future__ import annotations
@@ -26,14 +27,26 @@ class UserError(click.ClickException):
         super().__init__(" ".join(line.strip() for line in message.splitlines() if line.strip()))
 
 
+def original_message(error: BaseException) -> str:
+    """The message an error was raised with. A DataLoader worker's error is raised again in the main process as
+    the same class, its message the worker's whole traceback ending `module.Class: message`: keep that message."""
+    text = str(error)
+    cls = type(error)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    if "\nOriginal Traceback (most recent call last):" in text and f"\n{name}: " in text:
+        return text.rsplit(f"\n{name}: ", 1)[1]
+    return text
+
+
 class KdcacheCommand(click.Command):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except KdcacheError as e:
-            raise UserError(str(e)) from None
+            raise UserError(original_message(e)) from None
         except OSError as e:  # e.g. "[Errno 30] Read-only file system: 'runs/x/cache.zarr/zarr.json'"
-            raise UserError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)) from None
+            named = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else None
+            raise UserError(named or original_message(e)) from None
         except click.ClickException as e:
             e.exit_code = USER_ERROR
             raise

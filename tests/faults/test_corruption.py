@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import yaml
 
 from faultlib import Run, invoke
 from kdcache.cache.manifest import MANIFEST
@@ -195,3 +196,15 @@ def test_show_says_the_position_is_damaged(cached_run, tmp_path, damage, seq, wh
     refused(invoke("show", store, "--seq", seq, "--tokenizer", tokenizer), str(where), why)
     if why.startswith("chunk"):  # the chunk's checksum fails only the reads of that sequence
         assert invoke("show", store, "--seq", seq + 2, "--tokenizer", tokenizer).exit_code == 0
+
+
+def test_distill_with_loader_workers_refuses_a_damaged_shard_on_one_line(fresh_run):
+    """A DataLoader worker's error reaches the main process with the worker's traceback in its message: the
+    line printed is still the original message alone."""
+    cfg = yaml.safe_load(fresh_run.config.read_text())
+    cfg["student_train"]["num_workers"] = 1
+    fresh_run.config.write_text(yaml.safe_dump(cfg))
+    damage, why = DISTILL["chunk data"]
+    where = damage(fresh_run.store)
+    line = refused(invoke("distill", *fresh_run.args()), str(where), why)
+    assert "worker" not in line and "File " not in line, line
