@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from kdcache.cache.layout import local_path
+from kdcache.cache.reader import StoreReader
 from kdcache.cache.schema import TEACHERS, StoreError, completed_shards
 from kdcache.files import staged
 
 MASS_BINS = 20
+TARGET_ARRAYS = ("topk_ids", "topk_logits", "lse")
 
 
 @dataclass
@@ -68,19 +71,24 @@ def entropy(p: np.ndarray, tail: np.ndarray) -> np.ndarray:
 
 
 def read_targets(root: zarr.Group, teacher: str, split: str, seqs: np.ndarray | int) -> Targets:
-    """Targets of the given sequences (an index array, or one sequence index)."""
-    group = root[f"{TEACHERS}/{teacher}/{split}"]
-    attrs = root[f"{TEACHERS}/{teacher}"].attrs
-
-    def rows(name: str) -> np.ndarray:
-        array = group[name]
-        if np.ndim(seqs) == 0:
-            return array[int(seqs)]
-        # one inner chunk (= sequence) at a time: orthogonal indexing of sharded arrays is slow (zarr #3829)
-        return np.stack([array[int(i)] for i in seqs])
-
-    return Targets(rows("topk_ids"), rows("topk_logits").astype(np.float32), rows("lse"),
-                   [float(x) for x in attrs["temperatures"]], int(root.attrs["vocab_size"]))
+    """Targets of the given sequences (an index array, or one sequence index). A local store is read through the
+    direct reader, so a damaged, missing or replaced shard is named (checksums, the store's manifest) rather than
+    raised by zarr without its file or, for a missing shard, read as fill values."""
+    rows = [int(i) for i in np.atleast_1d(seqs)]
+    store = str(root.store)
+    if local_path(store) is not None:
+        reader = StoreReader(store, teachers=[teacher], arrays={teacher: TARGET_ARRAYS}, split=split,
+                             require_complete=False)
+        batch = reader.batch(rows)
+        arrays = {name: batch[f"{teacher}/{name}"] for name in TARGET_ARRAYS}
+    else:  # one inner chunk (= sequence) at a time: orthogonal indexing of sharded arrays is slow (zarr #3829)
+        group = root[f"{TEACHERS}/{teacher}/{split}"]
+        arrays = {name: np.stack([group[name][i] for i in rows]) for name in TARGET_ARRAYS}
+    if np.ndim(seqs) == 0:
+        arrays = {name: a[0] for name, a in arrays.items()}
+    return Targets(arrays["topk_ids"], arrays["topk_logits"].astype(np.float32), arrays["lse"],
+                   [float(x) for x in root[f"{TEACHERS}/{teacher}"].attrs["temperatures"]],
+                   int(root.attrs["vocab_size"]))
 
 
 def split_group(root: zarr.Group, teacher: str, split: str) -> zarr.Group:

@@ -208,3 +208,17 @@ def test_distill_with_loader_workers_refuses_a_damaged_shard_on_one_line(fresh_r
     where = damage(fresh_run.store)
     line = refused(invoke("distill", *fresh_run.args()), str(where), why)
     assert "worker" not in line and "File " not in line, line
+
+
+# stats and plot read the top-k arrays (not the hidden layers) of a sample of sequences
+STATS = {name: case for name, case in DISTILL.items() if name != "truncated shards"}
+
+
+@pytest.mark.parametrize("command", ["stats", "plot"])
+@pytest.mark.parametrize("damage, why", STATS.values(), ids=STATS.keys())
+def test_stats_and_plot_refuse_a_damaged_store_naming_the_file(cached_run, tmp_path, damage, why, command):
+    store = store_copy(cached_run, tmp_path)
+    where = damage(store)
+    out = ["--out", str(tmp_path / "stats.png")] if command == "plot" else []
+    refused(invoke(command, store, *out), str(where), why)
+    assert not (tmp_path / "stats.png").exists()
