@@ -229,6 +229,9 @@ def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+METRICS_FILE = "metrics.jsonl"  # in every training run's directory: train windows and dev evaluations
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Where each step of a run writes, under runs/<config name>/."""

@@ -12,13 +12,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from kdcache.config import METRICS_FILE
 from kdcache.files import atomic_write
 from kdcache.progress import progress
 from kdcache.runtime import Dist, barrier
 from kdcache.student.data import TokenDataset
 from kdcache.student.evaluate import dev_loss
 
-METRICS = "metrics.jsonl"
 
 
 class MetricsLog:
@@ -29,7 +29,7 @@ class MetricsLog:
     """
 
     def __init__(self, out_dir: Path, keep_until: int):
-        path = out_dir / METRICS
+        path = out_dir / METRICS_FILE
         kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= keep_until] if path.exists() else []
         atomic_write(path, "".join(line + "\n" for line in kept))  # a kill here must not lose the history
         self.file = path.open("a")

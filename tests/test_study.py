@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,35 @@ def test_sampled_targets_at_another_temperature_are_refused_naming_both_keys(tmp
                                     "distill": {"form": "sampled", "temperature": 2.0}}))
     with pytest.raises(ConfigError, match=r"distill.temperature 2.0 != cache.sample_temperature 1.0"):
         load_config(path)
+
+
+def run_dir(root: Path, name: str, records: list[dict]) -> Path:
+    directory = root / name
+    directory.mkdir()
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return directory
+
+
+def test_plot_draws_the_dev_curves_of_run_directories_without_loading_torch(tmp_path):
+    runs = [run_dir(tmp_path, name, [{"step": 1, "loss": 5.0}, {"step": 2, "dev_ce": ce + 0.5},
+                                     {"step": 4, "dev_ce": ce}]) for name, ce in (("ce", 4.0), ("tail", 3.9))]
+    out = tmp_path / "curves.png"
+    code = ("import sys; from kdcache.cli import main; "
+            f"main(['plot', {str(runs[0])!r}, {str(runs[1])!r}, '--out', {str(out)!r}], standalone_mode=False); "
+            "assert 'torch' not in sys.modules, 'torch loaded'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and "(2 runs)" in proc.stdout and out.stat().st_size > 10_000
+
+
+def test_plot_of_a_run_without_dev_evaluations_says_what_to_set(tmp_path):
+    from click.testing import CliRunner
+
+    from kdcache.cli import main
+
+    run = run_dir(tmp_path, "old", [{"step": 1, "loss": 5.0}])
+    result = CliRunner().invoke(main, ["plot", str(run), "--out", str(tmp_path / "curves.png")])
+    assert result.exit_code == 2 and "no dev_ce records (set student_train.eval_every)" in result.output, result.output
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from kdcache.student.data import StepBatches, TokenDataset
 from kdcache.student.evaluate import dev_loss
 from kdcache.student.lm import lm_loss
 from kdcache.student.loop import train
-from kdcache.student.metrics import METRICS
+from kdcache.config import METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 LINES = blimp_lines(paradigms=10, per_paradigm=40)
@@ -51,7 +51,7 @@ def run(data, out: Path, shape=TINY_LLAMA, cfg=None, loss_fn=lm_loss, resume=Fal
 
 
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
 
 
 def test_data_order_is_a_seeded_permutation_split_across_ranks_and_resumable():

@@ -19,6 +19,7 @@ from kdcache.cache.reader import StoreReader
 from kdcache.cache.schema import TOKENS, StoreError, open_store
 from kdcache.cache.upgrade import upgrade_store
 from kdcache.cli.command import command
+from kdcache.config import METRICS_FILE
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
 
@@ -150,7 +151,7 @@ def plot(paths: tuple[str, ...], out: str, sample: int, seed: int, split: str, t
         raise click.ClickException(f"{out}: directory {Path(out).parent} does not exist")
     if Path(out).suffix.lower() not in FIGURE_SUFFIXES:
         raise click.ClickException(f"{out}: a figure is written as {', '.join(FIGURE_SUFFIXES)}")
-    runs = [Path(p) for p in paths if (Path(p) / "metrics.jsonl").is_file()]
+    runs = [Path(p) for p in paths if (Path(p) / METRICS_FILE).is_file()]
     if runs:
         emit(as_json, plot_run_curves(paths, Path(out)), lambda d: f"wrote {d['out']} ({len(d['runs'])} runs)")
         return
@@ -165,8 +166,7 @@ def plot(paths: tuple[str, ...], out: str, sample: int, seed: int, split: str, t
 
 def plot_run_curves(paths: tuple[str, ...], out: Path) -> dict:
     """The dev CE curves of run directories on one figure, one line per directory."""
-    from kdcache.study.figure import plot_curves
-    from kdcache.study.run import read_metrics
+    from kdcache.study.figure import plot_curves, read_metrics
 
     curves = {}
     for path in paths:

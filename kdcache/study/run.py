@@ -11,11 +11,10 @@ from typing import Any, Callable
 from kdcache.config import Config, run_paths
 from kdcache.files import atomic_write
 from kdcache.runtime import barrier, init_distributed
-from kdcache.study.figure import plot_study
+from kdcache.study.figure import plot_study, read_metrics
 from kdcache.study.report import study_table, summarize
 from kdcache.student.distill import distill
 from kdcache.student.evaluate import evaluate_model
-from kdcache.student.metrics import METRICS
 
 RESULT = "result.json"  # written last: a run directory holding it is finished
 
@@ -35,12 +34,6 @@ def study_runs(cfg: Config, runs_root: str | Path = "runs") -> list[StudyRun]:
     """Every (variant, seed) of the config's study, seed-major: all variants of the first seed come first."""
     root = run_paths(cfg, runs_root).study
     return [StudyRun(name, seed, root / name / f"seed{seed}") for seed in cfg.study.seeds for name in cfg.study.variants]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (train windows and dev evaluations)."""
-    path = run_dir / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def train_and_evaluate(cfg: Config, run: StudyRun, runs_root: str | Path) -> dict[str, Any]:
