@@ -104,7 +104,8 @@ def test_the_real_text_study_config_has_the_variants_the_quality_study_needs():
     cfg = load_run_config(str(REPO / "configs" / "real_cpu.yaml"))  # the KD forms checked too
     assert cfg.study.seeds == [1, 2, 3]
     kinds = {name: v.kind for name, v in cfg.study.variants.items()}
-    assert kinds == {"ce": "baseline", "tail": "kd", "tail_t2": "kd", "sampled": "kd", "hidden": "kd", "online": "online"}
+    assert kinds == {"ce": "baseline", "tail": "kd", "tail_t2": "kd", "sampled": "kd", "hidden": "kd", "online": "online",
+                     "sampled_h25": "kd", "sampled_h0": "kd"}
     sampled = cfg.variant("sampled", 1)
     assert sampled.distill.form == "sampled" and sampled.distill.temperature == cfg.cache.sample_temperature
     assert cfg.variant("hidden", 1).distill.hidden.weight > 0 and cfg.cache.hidden_layers

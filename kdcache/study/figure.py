@@ -76,12 +76,11 @@ def plot_study(results: list[dict[str, Any]], summary: dict[str, Any], out: Path
         ax.errorbar(range(len(names)), means, yerr=errors, fmt="o", capsize=5, color="tab:blue", markersize=7)
         for i, n in enumerate(names):
             ax.scatter([i + 0.12] * len(summary[n][metric]["values"]), summary[n][metric]["values"], color="gray", s=12)
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", rotation_mode="anchor")  # long names
         ax.grid(axis="y", alpha=0.3)
         low, high = min(min(summary[n][metric]["values"]) for n in names), max(max(summary[n][metric]["values"]) for n in names)
         pad = (high - low) * 0.5 or abs(high) * 0.01 or 0.01
         ax.set(ylim=(low - pad, high + pad), title=label)
-        ax.tick_params(axis="x", rotation=30)
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, out)
