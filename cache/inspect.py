@@ -192,10 +192,8 @@ def position_document(root: zarr.Group, store: str, split: str, seq: int, pos: i
         "context_ids": row[: pos + 1].tolist(),
         "next_token": None if next_id is None else token_text(tokenizer, next_id),
         "next_token_id": next_id,
-        "teachers": {
-            name: soft_target_entry(st.read_targets(root, name, split, seq).position(pos), temperature, top, tokenizer)
-            for name in teachers
-        },
+        "teachers": {name: soft_target_entry(targets.position(pos), temperature, top, tokenizer)
+                     for name, targets in st.read_targets(root, teachers, split, seq).items()},
     }
 
 

@@ -70,25 +70,25 @@ def entropy(p: np.ndarray, tail: np.ndarray) -> np.ndarray:
     return -(terms * np.log(safe)).sum(-1)
 
 
-def read_targets(root: zarr.Group, teacher: str, split: str, seqs: np.ndarray | int) -> Targets:
-    """Targets of the given sequences (an index array, or one sequence index). A local store is read through the
-    direct reader, so a damaged, missing or replaced shard is named (checksums, the store's manifest) rather than
-    raised by zarr without its file or, for a missing shard, read as fill values."""
+def read_targets(root: zarr.Group, teachers: list[str], split: str, seqs: np.ndarray | int) -> dict[str, Targets]:
+    """Each teacher's targets of the given sequences (an index array, or one sequence index). A local store is read
+    through the direct reader, so a damaged, missing or replaced shard is named (checksums, the store's manifest)
+    rather than raised by zarr without its file or, for a missing shard, read as fill values."""
     rows = [int(i) for i in np.atleast_1d(seqs)]
     store = str(root.store)
-    if local_path(store) is not None:
-        reader = StoreReader(store, teachers=[teacher], arrays={teacher: TARGET_ARRAYS}, split=split,
+    if local_path(store) is not None:  # one reader, one manifest check, one read for every teacher
+        reader = StoreReader(store, teachers=teachers, arrays={t: TARGET_ARRAYS for t in teachers}, split=split,
                              require_complete=False)
         batch = reader.batch(rows)
-        arrays = {name: batch[f"{teacher}/{name}"] for name in TARGET_ARRAYS}
+        arrays = {t: {name: batch[f"{t}/{name}"] for name in TARGET_ARRAYS} for t in teachers}
     else:  # one inner chunk (= sequence) at a time: orthogonal indexing of sharded arrays is slow (zarr #3829)
-        group = root[f"{TEACHERS}/{teacher}/{split}"]
-        arrays = {name: np.stack([group[name][i] for i in rows]) for name in TARGET_ARRAYS}
+        groups = {t: root[f"{TEACHERS}/{t}/{split}"] for t in teachers}
+        arrays = {t: {name: np.stack([g[name][i] for i in rows]) for name in TARGET_ARRAYS} for t, g in groups.items()}
     if np.ndim(seqs) == 0:
-        arrays = {name: a[0] for name, a in arrays.items()}
-    return Targets(arrays["topk_ids"], arrays["topk_logits"].astype(np.float32), arrays["lse"],
-                   [float(x) for x in root[f"{TEACHERS}/{teacher}"].attrs["temperatures"]],
-                   int(root.attrs["vocab_size"]))
+        arrays = {t: {name: a[0] for name, a in by_name.items()} for t, by_name in arrays.items()}
+    return {t: Targets(a["topk_ids"], a["topk_logits"].astype(np.float32), a["lse"],
+                       [float(x) for x in root[f"{TEACHERS}/{t}"].attrs["temperatures"]], int(root.attrs["vocab_size"]))
+            for t, a in arrays.items()}
 
 
 def split_group(root: zarr.Group, teacher: str, split: str) -> zarr.Group:
@@ -190,7 +190,7 @@ def agreement(a: Targets, b: Targets) -> dict:
 
 def compute_stats(root: zarr.Group, split: str, teachers: list[str], sample: int, seed: int) -> dict:
     seqs = sample_sequences(root, teachers, split, sample, seed)
-    targets = {t: read_targets(root, t, split, seqs) for t in teachers}
+    targets = read_targets(root, teachers, split, seqs)
     return {
         "split": split,
         "seed": seed,
