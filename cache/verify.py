@@ -4,8 +4,8 @@ Checked: every shard file of every complete shard is present with a valid index 
 decodes to the right size (chunk bytes carry a checksum only when the inner codec chain ends in crc32c; without
 one, most flipped bytes in a compressed chunk decode silently to other values); shapes and dtypes against
 `kdcache.cache.schema`; completeness; NaN/inf in float arrays; ids inside the vocabulary; top-k sorted
-descending; sample counts summing to `samples`; `complete` records of 0 or 1; and the attributes that tie it
-together (format version, tokenizer, token digests, `k`, temperatures). First, every file against the store's
+descending; sample counts summing to `samples`; `complete` records of 0 or 1; words per sequence (when
+recorded) adding up to their total; and the attributes that tie it together (format version, tokenizer, token digests, `k`, temperatures). First, every file against the store's
 manifest (`kdcache.cache.manifest`), or without one, every zarr.json for valid JSON: a damaged file is named
 before zarr parses it, and what zarr then fails to read is one line, never an exception.
 """
@@ -25,6 +25,7 @@ from kdcache.cache import FORMAT_VERSION
 from kdcache.cache.layout import local_path
 from kdcache.cache.manifest import MANIFEST, manifest_problems
 from kdcache.cache.reader import ShardedArrayReader
+from kdcache.cache.words import WORDS, read_word_counts
 from kdcache.cache.schema import (
     COMPLETE, TEACHERS, TOKENS, ArraySpec, StoreError, ids_dtype, num_shards, open_store,
     read_tokens, shard_range, splits, teacher_array_specs, teacher_names, token_digest,
@@ -56,6 +57,7 @@ def verify_store(path: str | os.PathLike) -> list[str]:
         return problems + absent
     for split in _guarded(problems, TOKENS, lambda: splits(root)):
         problems += _guarded(problems, f"{TOKENS}/{split}", lambda: _verify_tokens(root, directory, split))
+        problems += _guarded(problems, f"{WORDS}/{split}", lambda: _verify_words(root, split))
     for teacher in _guarded(problems, TEACHERS, lambda: teacher_names(root)):
         problems += _guarded(problems, f"{TEACHERS}/{teacher}", lambda: _verify_teacher(root, directory, teacher))
     return problems
@@ -102,6 +104,15 @@ def _verify_tokens(root: zarr.Group, directory: Path, split: str) -> list[str]:
     if not problems and token_digest(read_tokens(root, split)) != root[path].attrs.get("digest"):
         problems.append(f"{path}: stored tokens do not match the digest attribute")
     return problems
+
+
+def _verify_words(root: zarr.Group, split: str) -> list[str]:
+    """The optional words per sequence: one count per token sequence, adding up to their recorded total."""
+    try:
+        read_word_counts(root, split)
+    except StoreError as e:
+        return [str(e)]
+    return []
 
 
 def _verify_teacher(root: zarr.Group, directory: Path, teacher: str) -> list[str]:

@@ -3,17 +3,16 @@
 Each split becomes one token stream (lines in order, no `<s>`/`</s>` between them: the BabyLlama
 convention; every line starts with the tokenizer's prefix space, so words stay words), cut into
 sequences of `data.seq_len` at fixed boundaries: the teachers' targets are cached per position,
-so sequence i must mean the same tokens forever. The final partial sequence is dropped.
+so sequence i must mean the same tokens forever. The final partial sequence is dropped. Beside the tokens,
+`words/<split>` records each sequence's words (precompute/words.py: the BabyLM count).
 """
 
 from __future__ import annotations
 
-import itertools
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from kdcache.cache import schema
@@ -21,21 +20,13 @@ from kdcache.cache.lock import lock_store
 from kdcache.cache.manifest import seal_store
 from kdcache.config import Config, RunPaths, run_paths
 from kdcache.cache.schema import StoreError
+from kdcache.cache.words import WORDS, write_word_counts
 from kdcache.files import staged
 from kdcache.precompute.corpus import CorpusError, CorpusSplit, build_corpus
 from kdcache.precompute.tokenizer import TokenizerError, train_tokenizer
+from kdcache.precompute.words import encode_with_words, pack_words
 
 SPLITS = ("train", "dev")
-ENCODE_BATCH = 10_000  # lines per encode_batch call: parallel in Rust, bounded Python memory
-
-
-def encode_stream(tokenizer: Tokenizer, lines: list[str]) -> np.ndarray:
-    """All lines as one int32 token stream, without special tokens."""
-    parts = [np.zeros(0, np.int32)]
-    for start in range(0, len(lines), ENCODE_BATCH):
-        encodings = tokenizer.encode_batch(lines[start : start + ENCODE_BATCH], add_special_tokens=False)
-        parts.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int32))
-    return np.concatenate(parts)
 
 
 def pack(stream: np.ndarray, seq_len: int) -> tuple[np.ndarray, int]:
@@ -71,7 +62,7 @@ def write_store(cfg: Config, paths: RunPaths, tokenizer: PreTrainedTokenizerFast
     with staged(paths.store) as tmp:
         root = schema.create_store(str(tmp), attrs)
         for split in SPLITS:
-            stream = encode_stream(tokenizer.backend_tokenizer, corpus[split].lines)
+            stream, token_words = encode_with_words(tokenizer.backend_tokenizer, corpus[split].lines)
             sequences, dropped = pack(stream, cfg.data.seq_len)
             if len(sequences) == 0:
                 raise CorpusError(
@@ -82,6 +73,7 @@ def write_store(cfg: Config, paths: RunPaths, tokenizer: PreTrainedTokenizerFast
             root[f"{schema.TOKENS}/{split}"].attrs.update(
                 {"lines": len(corpus[split].lines), "tokens": len(stream), "dropped_tokens": dropped}
             )
+            write_word_counts(root, split, pack_words(token_words, *sequences.shape))
         seal_store(tmp)  # the store is whole: record what it holds (cache.manifest)
 
 
@@ -104,8 +96,9 @@ def data_summary(paths: RunPaths) -> str:
     root = schema.open_store(str(paths.store))
     lines = []
     for split in SPLITS:
-        arr = root[f"{schema.TOKENS}/{split}"]
-        lines.append(f"{split}: {arr.attrs['lines']:,} lines, {arr.attrs['tokens']:,} tokens -> "
-                     f"{arr.shape[0]:,} sequences of {arr.shape[1]} ({arr.attrs['dropped_tokens']} dropped)")
+        arr, words = root[f"{schema.TOKENS}/{split}"], root[f"{WORDS}/{split}"].attrs
+        lines.append(f"{split}: {arr.attrs['lines']:,} lines, {words['words']:,} words, {arr.attrs['tokens']:,} tokens "
+                     f"-> {arr.shape[0]:,} sequences of {arr.shape[1]} ({arr.attrs['dropped_tokens']} tokens, "
+                     f"{words['dropped_words']} words dropped)")
     lines.append(f"vocab {root.attrs['vocab_size']:,}; wrote {paths.corpus}, {paths.tokenizer}, {paths.store}")
     return "\n".join(lines)

@@ -13,8 +13,9 @@ from kdcache.cache import schema
 from kdcache.cache.codecs import VocabRankCodec
 from kdcache.config import Config, CorpusConfig, DataConfig, TokenizerConfig, load_config
 from kdcache.cli.pipeline import data
-from kdcache.precompute.data import encode_stream, pack, prepare_data
+from kdcache.precompute.data import pack, prepare_data
 from kdcache.precompute.tokenizer import load_tokenizer
+from kdcache.precompute.words import encode_with_words
 
 
 def small_config(tmp_path: Path) -> Config:
@@ -50,7 +51,7 @@ def test_stream_is_the_lines_in_order_without_specials(run):
     _, paths = run
     tokenizer = load_tokenizer(paths.tokenizer)
     lines = ["the cat saw a dog .", "a dog saw the cat .", "hello"]
-    stream = encode_stream(tokenizer.backend_tokenizer, lines)
+    stream, _ = encode_with_words(tokenizer.backend_tokenizer, lines)
     expected = [i for line in lines for i in tokenizer.encode(line, add_special_tokens=False)]
     assert stream.tolist() == expected
     assert tokenizer.decode(stream) == "".join(" " + line for line in lines)
@@ -69,7 +70,7 @@ def test_store_attrs_and_tokens(run):
     tokenizer = AutoTokenizer.from_pretrained(str(paths.tokenizer))
     for split in ("train", "dev"):
         lines = (paths.corpus / f"{split}.txt").read_text().splitlines()
-        stream = encode_stream(tokenizer.backend_tokenizer, lines)
+        stream, _ = encode_with_words(tokenizer.backend_tokenizer, lines)
         tokens = schema.read_tokens(root, split)
         meta = root[f"tokens/{split}"].attrs
         assert tokens.dtype == np.uint16 and tokens.shape[1] == 16

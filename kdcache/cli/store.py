@@ -181,14 +181,18 @@ def plot_run_curves(paths: tuple[str, ...], out: Path) -> dict:
 @command("upgrade")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 def upgrade(store: str) -> None:
-    """Upgrade a local store of format 2 to the current format in place (no teacher is run)."""
+    """Upgrade a local store of format 2 to the current format in place (no teacher is run), and add the words per
+    sequence a store of an older kdcache lacks (from the cleaned text and tokenizer `kdcache data` left beside it)."""
+    from kdcache.precompute.words import upgrade_word_counts  # tokenizers, no torch
+
     report = upgrade_store(store)
     if report.from_version == FORMAT_VERSION:
         click.echo(f"{store}: already format {FORMAT_VERSION}")
-        return
-    click.echo(f"{store}: format {report.from_version} -> {FORMAT_VERSION}; {report.arrays} topk_ids arrays "
-               f"re-encoded, {report.bytes_before / 1e6:,.1f} -> {report.bytes_after / 1e6:,.1f} MB, "
-               f"in {report.seconds:.1f} s")
+    else:
+        click.echo(f"{store}: format {report.from_version} -> {FORMAT_VERSION}; {report.arrays} topk_ids arrays "
+                   f"re-encoded, {report.bytes_before / 1e6:,.1f} -> {report.bytes_after / 1e6:,.1f} MB, "
+                   f"in {report.seconds:.1f} s")
+    click.echo(upgrade_word_counts(store))
 
 
 COMMANDS = [inspect, show, stats, verify, plot, upgrade]
