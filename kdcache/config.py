@@ -81,6 +81,9 @@ class TrainConfig:
     eval_every: int = 0  # dev cross-entropy every this many steps and after the last (0: off)
     compile: bool = False
     num_workers: int = 0
+    # checkpoints by words seen (runs/<n>/<model>/checkpoints/chck_<N>M): `babylm` = BabyLM's schedule (1M..10M,
+    # 20M..100M, 200M..1000M) up to the run's total, or a list of increasing word counts; null: none
+    save_at_words: Literal["babylm"] | list[int] | None = None
 
 
 @dataclass
@@ -149,6 +152,13 @@ class StudyConfig:
 
 
 @dataclass
+class BabyLMConfig:
+    """The BabyLM track a run is for: its word budget is checked before any training (kdcache.student.budget)."""
+
+    track: Literal["strict-small", "strict", "interaction", "none"] = "none"
+
+
+@dataclass
 class Config:
     name: str
     seed: int = 1234
@@ -162,6 +172,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    babylm: BabyLMConfig = field(default_factory=BabyLMConfig)
     source_path: str = field(default="", metadata={"yaml": False})  # set by load_config
 
     def run_dir(self, root: str | os.PathLike = "runs") -> Path:

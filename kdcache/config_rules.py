@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 AT_LEAST = {"seq_len": 2, "vocab_size": 259} | dict.fromkeys(  # vocab_size: 256 bytes + 3 specials
     ("demo_train_sentences", "demo_dev_sentences", "demo_pairs_per_phenomenon", "min_frequency", "sequences_per_shard",
      "k", "hidden_size", "intermediate_size", "num_layers", "num_heads", "batch_size", "grad_accum", "max_steps",
-     "checkpoint_every", "log_every"), 1) | dict.fromkeys(
+     "checkpoint_every", "log_every", "save_at_words"), 1) | dict.fromkeys(
     ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "num_workers", "hard_weight", "weight",
      "teacher_weights", "samples", "pairs_per_paradigm"), 0)
 POSITIVE = ("lr", "epochs", "temperatures", "sample_temperature")
@@ -73,6 +73,11 @@ def validate(cfg: Config) -> None:
         (bool(cfg.study.seeds) or not cfg.study.variants, "study.seeds must list at least one seed"),
         (0 <= cfg.cache.codec.clevel <= 9, f"cache.codec.clevel must be in 0..9, got {cfg.cache.codec.clevel}"),
     ]
+    trains = [("student_train", cfg.student_train), *((f"teachers[{i}].train", t.train) for i, t in enumerate(cfg.teachers))]
+    for key, train in trains:
+        counts = train.save_at_words if isinstance(train.save_at_words, list) else []
+        checks.append((all(a < b for a, b in zip(counts, counts[1:])),
+                       f"{key}.save_at_words {counts} must be increasing (each count once)"))
     for key, m in [("student", cfg.student), *((f"teachers[{i}].model", t.model) for i, t in enumerate(cfg.teachers))]:
         checks += [(m.max_position >= cfg.data.seq_len, f"{key}.max_position must be >= data.seq_len"),
                    (m.num_heads < 1 or m.hidden_size % m.num_heads == 0,

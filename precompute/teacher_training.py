@@ -13,6 +13,7 @@ import torch
 
 from kdcache.cache import schema
 from kdcache.cache.schema import StoreError
+from kdcache.cache.words import read_word_counts
 from kdcache.config import Config, TeacherConfig, run_paths
 from kdcache.student.data import TokenDataset
 from kdcache.student.lm import lm_loss
@@ -38,5 +39,6 @@ def train_teacher(cfg: Config, teacher: TeacherConfig, runs_root: str | Path = "
     out_dir = paths.teacher(teacher.name)
     dev = TokenDataset(paths.store, "dev") if teacher.train.eval_every else None
     train(model, dataset, teacher.train, out_dir, lm_loss, seed=cfg.seed, resume=resume,
-          fingerprint=fingerprint, tokenizer_dir=paths.tokenizer, dev=dev)
+          fingerprint=fingerprint, tokenizer_dir=paths.tokenizer, dev=dev,
+          words=read_word_counts(schema.open_store(str(paths.store)), "train"))
     return out_dir / "model"

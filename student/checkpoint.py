@@ -1,7 +1,7 @@
 """Training checkpoints: what a run saves every few steps, and how a resume restores it exactly or refuses it.
 
 `checkpoints/latest.pt` holds the model, the extra trainable modules, the optimizer, the scheduler, every rank's
-RNG state and the step, with a fingerprint of the run (model, data, seed, trajectory-relevant training settings);
+RNG state, the step and the words seen, with a fingerprint of the run (model, data, seed, trajectory-relevant training settings);
 it is written atomically, so a crash mid-write leaves the previous one intact (the next start removes the temporary
 file such a crash left).
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -27,7 +28,8 @@ from kdcache.runtime import Dist
 
 CHECKPOINT = Path("checkpoints") / "latest.pt"
 # TrainConfig keys that change how a run executes, not the trajectory it follows: free to change on resume.
-EXECUTION_KEYS = ("grad_accum", "checkpoint_every", "log_every", "eval_every", "compile", "num_workers")
+EXECUTION_KEYS = ("grad_accum", "checkpoint_every", "log_every", "eval_every", "compile", "num_workers",
+                  "save_at_words")
 
 
 class TrainError(KdcacheError):
@@ -110,19 +112,24 @@ class TrainState:
 
 
 def checkpoint(path: Path, step: int, fingerprint: dict[str, Any], state: TrainState, d: Dist,
-               tokenizer_dir: str | Path) -> None:
+               tokenizer_dir: str | Path, words_seen: int | None) -> None:
     """Save the run after `step` steps (rank 0 writes; every rank must call: the RNG states are gathered)."""
     rng = rng_states(d)  # a collective: every rank takes part
     if d.main:
-        save_checkpoint(path, {"step": step, "fingerprint": _canonical(fingerprint),
+        save_checkpoint(path, {"step": step, "words_seen": words_seen, "fingerprint": _canonical(fingerprint),
                                "hf_config": state.model.config.to_dict(), "tokenizer_dir": str(tokenizer_dir),
                                "rng": rng, **state.state_dict()})
 
 
-def restore(path: Path, fingerprint: dict[str, Any], state: TrainState, d: Dist) -> int:
-    """Load a checkpoint into the run's objects; returns the step to continue from."""
+def restore(path: Path, fingerprint: dict[str, Any], state: TrainState, d: Dist, seen: np.ndarray | None) -> int:
+    """Load a checkpoint into the run's objects; returns the step to continue from. `seen`: the words seen after each
+    step, as the run counts them now, which must agree with the count the checkpoint recorded."""
     ckpt = load_checkpoint(path)
     check_fingerprint(path, ckpt["fingerprint"], fingerprint)
+    recorded, step = ckpt.get("words_seen"), ckpt["step"]
+    if recorded is not None and seen is not None and recorded != int(seen[step]):
+        raise TrainError(f"{path}: the checkpoint counted {recorded:,} words seen after step {step}, the store's "
+                         f"words per sequence give {int(seen[step]):,}; delete it to start over")
     state.load_state_dict(ckpt)
     if len(ckpt["rng"]) == d.world:  # another world size draws other dropout masks anyway: keep the fresh seed
         rng = ckpt["rng"][d.rank]
@@ -134,7 +141,8 @@ def restore(path: Path, fingerprint: dict[str, Any], state: TrainState, d: Dist)
     return ckpt["step"]
 
 
-def start_step(out_dir: Path, resume: bool, fingerprint: dict[str, Any], state: TrainState, d: Dist) -> int:
+def start_step(out_dir: Path, resume: bool, fingerprint: dict[str, Any], state: TrainState, d: Dist,
+               seen: np.ndarray | None = None) -> int:
     """0 for a fresh run; with `resume`, the step its checkpoint reached (restored into `state`)."""
     path = out_dir / CHECKPOINT
     if d.main:  # what a run killed while saving left beside the last complete checkpoint is never loaded
@@ -144,4 +152,4 @@ def start_step(out_dir: Path, resume: bool, fingerprint: dict[str, Any], state: 
         return 0
     if not resume:
         raise TrainError(f"{path}: a checkpoint exists; pass --resume to continue it, or delete {out_dir}")
-    return restore(path, fingerprint, state, d)
+    return restore(path, fingerprint, state, d, seen)

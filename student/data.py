@@ -59,6 +59,19 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def cumulative_words(words: np.ndarray, batch_size: int, seed: int, total: int) -> np.ndarray:
+    """Words seen after each optimizer step (int64 [total + 1], 0 first): the words of the sequences every step reads
+    in StepBatches' order, summed over all ranks and micro-batches. A function of the step, like the order, so a
+    resumed run counts exactly what the uninterrupted one would."""
+    n = len(words)
+    per_epoch = n // batch_size
+    per_step = [np.zeros(0, np.int64)]
+    for epoch in range(-(-total // per_epoch)):
+        batches = epoch_order(seed, epoch, n)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+        per_step.append(words[batches].sum(1))
+    return np.concatenate([[0], np.cumsum(np.concatenate(per_step)[:total])]).astype(np.int64)
+
+
 class StepBatches(Sampler[list[int]]):
     """The micro-batches (lists of sequence indices) this rank reads for optimizer steps start..total-1."""
 

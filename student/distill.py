@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from kdcache.cache import schema
 from kdcache.cache.manifest import checked_manifest
 from kdcache.cache.schema import StoreError
+from kdcache.cache.words import read_word_counts
 from kdcache.config import Config, RunPaths, run_paths
 from kdcache.student.data import TokenDataset
 from kdcache.student.kd import DistillDataset, KDLoss, KDPlan
@@ -127,5 +128,6 @@ def distill(cfg: Config, runs_root: str | Path = "runs", resume: bool = False, b
     out_dir = out_dir or default_dir
     dev = TokenDataset(paths.store, "dev") if cfg.student_train.eval_every else None
     train(model, dataset, cfg.student_train, out_dir, loss_fn, seed=cfg.seed, resume=resume, fingerprint=fingerprint,
-          tokenizer_dir=paths.tokenizer, extra_modules=extra, collate_fn=collate_fn, dev=dev)
+          tokenizer_dir=paths.tokenizer, extra_modules=extra, collate_fn=collate_fn, dev=dev,
+          words=read_word_counts(store, "train"))
     return out_dir / "model"

@@ -23,7 +23,7 @@ from kdcache.config import Config, run_paths
 from kdcache.errors import KdcacheError
 from kdcache.runtime import resolve_device
 from kdcache.student.data import TokenDataset
-from kdcache.student.export import check_vocab, load_model_dir, load_tokenizer
+from kdcache.student.export import check_vocab, load_model_dir, load_tokenizer, read_training_state
 from kdcache.student.lm import next_token_ce
 from kdcache.student.model import count_parameters
 
@@ -169,7 +169,9 @@ def evaluate_model(
     """One model's report: parameters, dev loss on the store (if given), minimal-pair accuracy per directory (the
     first `pairs_per_paradigm` pairs of each paradigm, if > 0)."""
     model, tokenizer = load_model(source)
-    report: dict[str, Any] = {"source": str(source), "parameters": count_parameters(model), "convention": CONVENTION}
+    training = read_training_state(source) or {}  # a model kdcache trained: the words it saw (BabyLM's budget)
+    report: dict[str, Any] = {"source": str(source), "parameters": count_parameters(model), "convention": CONVENTION,
+                              "step": training.get("step"), "words_seen": training.get("words_seen")}
     if store is not None:
         dataset = TokenDataset(store, "dev")
         if tokenizer_sha256(source) != dataset.attrs["tokenizer_sha256"]:
@@ -183,6 +185,9 @@ def evaluate_model(
 def compare(reports: Mapping[str, Mapping[str, Any]], paradigms: bool = True) -> str:
     """The reports side by side: one column per model, one row per metric, aligned."""
     rows: list[tuple[str, list[str]]] = [("parameters", [f"{r['parameters'] / 1e6:.2f}M" for r in reports.values()])]
+    if any(r.get("words_seen") is not None for r in reports.values()):
+        rows.append(("words seen", [f"{r['words_seen']:,}" if r.get("words_seen") is not None else "-"
+                                    for r in reports.values()]))
     if any("dev" in r for r in reports.values()):
         rows.append(("dev ce", [f"{r['dev']['ce']:.4f}" if "dev" in r else "-" for r in reports.values()]))
         rows.append(("dev perplexity", [f"{r['dev']['perplexity']:.2f}" if "dev" in r else "-" for r in reports.values()]))

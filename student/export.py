@@ -2,11 +2,13 @@
 
 config.json (with the bos/eos/pad ids), model.safetensors, generation_config.json and the run's tokenizer files
 (tokenizer.json for the fast tokenizer, vocab.json + merges.txt for the slow GPT-2 one the 2023 BabyLM pipeline
-loads): what the official BabyLM evaluation pipelines need.
+loads): what the official BabyLM evaluation pipelines need. A model kdcache trained also gets kdcache_training.json
+(the step and words seen of these weights), which the reports and learning curves read.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from kdcache.errors import KdcacheError
 from kdcache.files import staged
 
+TRAINING_STATE = "kdcache_training.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
@@ -45,8 +48,21 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int, where: str 
         raise ExportError(f"{where}: the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {vocab_size}")
 
 
-def export_model(model: PreTrainedModel, tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
-    """Save `model` with the tokenizer of `tokenizer_dir` to `out_dir`, replacing it only once complete."""
+def read_training_state(model_dir: str | Path) -> dict | None:
+    """What kdcache_training.json of a model directory records (step, words_seen, ...); None without one."""
+    path = Path(model_dir) / TRAINING_STATE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+
+
+def export_model(model: PreTrainedModel, tokenizer_dir: str | Path, out_dir: str | Path,
+                 training: dict | None = None) -> Path:
+    """Save `model` with the tokenizer of `tokenizer_dir` to `out_dir`, replacing it only once complete; `training`
+    (step, words seen) goes to its kdcache_training.json."""
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_vocab(tokenizer, model.config.vocab_size, tokenizer_dir)
@@ -59,4 +75,6 @@ def export_model(model: PreTrainedModel, tokenizer_dir: str | Path, out_dir: str
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, tmp / name)
+        if training is not None:
+            (tmp / TRAINING_STATE).write_text(json.dumps(training, indent=2) + "\n")
     return out_dir

@@ -2,7 +2,8 @@
 
 A plain PyTorch loop over a Hugging Face model: AdamW, linear warm-up then cosine decay, gradient accumulation,
 clipping, bf16 autocast on CUDA (fp32 on CPU), optional torch.compile, DDP under torchrun. The data order is
-`student.data`'s, checkpoints and exact resume `student.checkpoint`'s, the reporting `student.metrics`'.
+`student.data`'s, checkpoints and exact resume `student.checkpoint`'s, the reporting `student.metrics`', the words
+seen and the checkpoints saved at word counts `student.words`'.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -27,6 +29,7 @@ from kdcache.student.export import export_model
 from kdcache.student.lm import lm_loss
 from kdcache.student.metrics import MetricSums, RunReport
 from kdcache.student.model import count_parameters
+from kdcache.student.words import WordPlan, checkpoint_name, plan_words
 
 # loss_fn(model, batch) -> (loss to minimise, per-term metrics); metric values may stay tensors (no sync per step).
 LossFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float | Tensor]]]
@@ -105,6 +108,21 @@ def accumulate_gradients(wrapped: nn.Module, micro_batches: Iterator[dict[str, T
         sums.add(loss, terms, batch["input_ids"].numel())
 
 
+def training_state(step: int, words: WordPlan | None, count: int | None = None) -> dict[str, int | None]:
+    """What an exported model records of its training (kdcache_training.json): the step and words seen, and for a
+    checkpoint by words seen the count it was saved at."""
+    state = {"step": step, "words_seen": int(words.seen[step]) if words is not None else None}
+    return state if count is None else {**state, "checkpoint_words": count}
+
+
+def save_word_checkpoints(model: PreTrainedModel, words: WordPlan | None, done: int, out_dir: Path,
+                          tokenizer_dir: str | Path, d: Dist) -> None:
+    """Rank 0 exports a complete Hugging Face directory (atomically) for every count first reached at step `done`."""
+    for count in words.due(done) if words is not None and d.main else []:
+        export_model(model, tokenizer_dir, out_dir / "checkpoints" / checkpoint_name(count),
+                     training_state(done, words, count))
+
+
 def train(
     model: PreTrainedModel,
     dataset: Dataset,
@@ -119,6 +137,7 @@ def train(
     collate_fn: Callable | None = None,
     extra_modules: nn.Module | None = None,
     dev: TokenDataset | None = None,
+    words: np.ndarray | None = None,
 ) -> PreTrainedModel:
     """Train `model` (and `extra_modules`) on `dataset`; checkpoints in out_dir/checkpoints, metrics in
     out_dir/metrics.jsonl, the final model exported to out_dir/model. Returns the trained model.
@@ -126,16 +145,19 @@ def train(
     `fingerprint` identifies the run (model shape, data, ...); the trajectory-relevant training settings and the
     seed are added to it, and a checkpoint with another fingerprint is refused on resume. With `dev` and
     `cfg.eval_every`, the dev cross-entropy is measured (rank 0, no gradient, no RNG draw) every eval_every steps
-    and after the last, and logged as `dev_ce`.
+    and after the last, and logged as `dev_ce`. With `words` (the words of each sequence of `dataset`), every record
+    carries the words seen, and `cfg.save_at_words` exports out_dir/checkpoints/chck_<N>M at the first step
+    reaching each count.
     """
     d = init_distributed()
     out_dir = Path(out_dir)
     check_batch_split(cfg, d.world)
     total = total_steps(cfg, len(dataset))
+    word_plan = plan_words(cfg, words, seed, total, str(out_dir))
     fingerprint = run_fingerprint(fingerprint, seed, cfg)
     module, state = make_state(model, extra_modules, loss_fn, cfg, total, d)
     torch.manual_seed(seed + d.rank)  # dropout draws: reproducible, and different on each rank
-    start = start_step(out_dir, resume, fingerprint, state, d)
+    start = start_step(out_dir, resume, fingerprint, state, d, word_plan.seen if word_plan is not None else None)
     wrapped = module if d.world == 1 else \
         DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     micro_batches = iter(step_loader(dataset, cfg, d, seed, start, total, collate_fn))
@@ -144,7 +166,8 @@ def train(
         print(f"{out_dir}: {count_parameters(model):,} parameters, steps {start} -> {total}, "
               f"batch {cfg.batch_size} = {d.world} ranks x {cfg.grad_accum} accum x "
               f"{cfg.batch_size // (d.world * cfg.grad_accum)} sequences")
-    report = RunReport(out_dir, d, start, total, steps_per_epoch=len(dataset) // cfg.batch_size)
+    report = RunReport(out_dir, d, start, total, steps_per_epoch=len(dataset) // cfg.batch_size,
+                       words_seen=word_plan.seen if word_plan is not None else None)
 
     module.train()
     for step in range(start, total):
@@ -159,11 +182,14 @@ def train(
         if dev is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
             report.evaluate(done, model, dev, cfg.batch_size)
             module.train()
+        # before latest.pt: a run killed in between redoes this step and saves the same weights again
+        save_word_checkpoints(model, word_plan, done, out_dir, tokenizer_dir, d)
         if done % cfg.checkpoint_every == 0 or done == total:
-            checkpoint(out_dir / CHECKPOINT, done, fingerprint, state, d, tokenizer_dir)
+            checkpoint(out_dir / CHECKPOINT, done, fingerprint, state, d, tokenizer_dir,
+                       training_state(done, word_plan)["words_seen"])
     report.close()
 
     if d.main:
-        export_model(model, tokenizer_dir, out_dir / "model")
+        export_model(model, tokenizer_dir, out_dir / "model", training_state(total, word_plan))
     barrier(d)  # every rank returns once the export exists
     return model

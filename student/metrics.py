@@ -8,6 +8,7 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -18,7 +19,6 @@ from kdcache.progress import progress
 from kdcache.runtime import Dist, barrier
 from kdcache.student.data import TokenDataset
 from kdcache.student.evaluate import dev_loss
-
 
 
 class MetricsLog:
@@ -93,14 +93,19 @@ class RunReport:
     """One run's reporting: `sums` collects each micro-step's terms; `step` advances the progress bar and, on a
     logged step, writes the means across ranks with the learning rate, gradient norm and throughput."""
 
-    def __init__(self, out_dir: Path, d: Dist, start: int, total: int, steps_per_epoch: int):
-        self.d, self.steps_per_epoch = d, steps_per_epoch
+    def __init__(self, out_dir: Path, d: Dist, start: int, total: int, steps_per_epoch: int,
+                 words_seen: np.ndarray | None = None):
+        self.d, self.steps_per_epoch, self.words_seen = d, steps_per_epoch, words_seen
         self.log = MetricsLog(out_dir, keep_until=start) if d.main else None
         self.sums = MetricSums(d.device)
         self.progress = progress(total, initial=start, desc=f"{out_dir.parent.name}/{out_dir.name}", unit="step",
                                  disable=not d.main)
         self.window_start = time.perf_counter()
         self.postfix: dict[str, str] = {}
+
+    def words(self, done: int) -> dict[str, int]:
+        """The words seen after step `done` (all ranks, all micro-batches), when the store records words."""
+        return {} if self.words_seen is None else {"words_seen": int(self.words_seen[done])}
 
     def step(self, done: int, lr: float, grad_norm: Tensor, logged: bool) -> None:
         """Called after optimizer step `done`; `logged` on every rank alike (the means are a collective)."""
@@ -111,8 +116,8 @@ class RunReport:
         tokens_per_s = tokens / (time.perf_counter() - self.window_start)
         self.window_start = time.perf_counter()
         if self.log:
-            self.log.write({"step": done, "epoch": done / self.steps_per_epoch, "lr": lr, **means,
-                            "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s})
+            self.log.write({"step": done, "epoch": done / self.steps_per_epoch, **self.words(done), "lr": lr,
+                            **means, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s})
         self.postfix = {"loss": f"{means['loss']:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
         self.progress.set_postfix(**self.postfix)
 
@@ -122,7 +127,7 @@ class RunReport:
         start = time.perf_counter()
         if self.log:
             dev_ce = dev_loss(model.eval(), dev, batch_size)["ce"]
-            self.log.write({"step": done, "dev_ce": dev_ce})
+            self.log.write({"step": done, **self.words(done), "dev_ce": dev_ce})
             self.progress.set_postfix(**self.postfix, dev_ce=f"{dev_ce:.4f}")
         barrier(self.d)
         self.window_start += time.perf_counter() - start

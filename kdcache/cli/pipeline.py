@@ -29,6 +29,13 @@ def load_run_config(path: str) -> Config:
     return cfg
 
 
+def announce(main: bool, words_seen: dict[str, int | None]) -> None:
+    """One line per model about to train: the words it will see (BabyLM's count), when the store records words."""
+    for name, words in words_seen.items():
+        if main and words is not None:
+            click.echo(f"{name} will see {words:,} words")
+
+
 config_option = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
                              help="Run config (YAML).")
 runs_root_option = click.option("--runs-root", default="runs", show_default=True, type=click.Path(file_okay=False),
@@ -55,10 +62,13 @@ def teachers(config_path: str, runs_root: str, names: tuple[str, ...], resume: b
     """Train the config's teachers on tokens/train; each lands in runs/<name>/teachers/<teacher>/model."""
     from kdcache.runtime import init_distributed
     from kdcache.precompute.teacher_training import train_teacher
+    from kdcache.student.budget import check_word_budget, teacher_models
 
     main = init_distributed().main
     cfg = load_run_config(config_path)
-    for teacher in [cfg.teacher(n) for n in names] if names else cfg.teachers:
+    chosen = [cfg.teacher(n) for n in names] if names else cfg.teachers
+    announce(main, check_word_budget(cfg, runs_root, teacher_models(cfg, tuple(t.name for t in chosen))))
+    for teacher in chosen:
         if teacher.pretrained:
             message = f"{teacher.name}: pretrained ({teacher.pretrained}), not trained"
         else:
@@ -96,10 +106,12 @@ def precompute(config_path: str, runs_root: str, store: str | None, overwrite: b
 def distill(config_path: str, runs_root: str, resume: bool, baseline: bool, online: bool) -> None:
     """Train the student on hard labels + KL to every cached teacher (+ hidden alignment); no teacher is loaded."""
     from kdcache.runtime import init_distributed
+    from kdcache.student.budget import check_word_budget, student_models
     from kdcache.student.distill import distill as run_distill
 
     main = init_distributed().main
     cfg = load_run_config(config_path)
+    announce(main, check_word_budget(cfg, runs_root, student_models(cfg)))
     out = run_distill(cfg, runs_root, resume=resume, online=online)
     if main:
         click.echo(f"student: saved {out}")
@@ -200,12 +212,14 @@ def study(config_path: str, runs_root: str) -> None:
     Finished runs are skipped and interrupted ones resume, so a rerun only writes the report again.
     """
     from kdcache.runtime import init_distributed
+    from kdcache.student.budget import check_word_budget, study_models
     from kdcache.study.run import run_study, write_study
 
     main = init_distributed().main
     cfg = load_run_config(config_path)
     if not cfg.study.variants:
         raise ConfigError(f"{config_path}: the config has no study.variants")
+    check_word_budget(cfg, runs_root, study_models(cfg))
     start = time.perf_counter()
     results = run_study(cfg, runs_root, click.echo if main else lambda _: None)
     if main:

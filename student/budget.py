@@ -1,0 +1,92 @@
+"""The BabyLM track's word budget, checked before step 1: the words each model of a run will see, from the store's
+words per sequence and the exact data order, refused when over the track's limits (config `babylm.track`).
+
+Limits (BabyLM 2025 rules, kept for 2026): strict-small trains on a 10M-word corpus and sees at most 100M words
+(10 epochs); strict and interaction on 100M and 1B. The check is per model: the student, and each teacher kdcache
+trains (BabyLM counts the training data of every model in the pipeline; the reports list each one's words seen so
+that a user can apply the year's accounting). A pretrained teacher's own training is not known here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdcache.cache import schema
+from kdcache.cache.schema import StoreError
+from kdcache.cache.words import WORDS, read_word_counts
+from kdcache.config import Config, TrainConfig, run_paths
+from kdcache.student.checkpoint import TrainError
+from kdcache.student.loop import total_steps
+from kdcache.student.words import plan_words
+
+MILLION = 1_000_000
+TRACK_LIMITS = {"strict-small": (10 * MILLION, 100 * MILLION), "strict": (100 * MILLION, 1000 * MILLION),
+                "interaction": (100 * MILLION, 1000 * MILLION)}  # track -> (corpus words, words seen)
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """One model a command is about to train: its name in messages, its training section's key, settings and seed."""
+
+    name: str
+    key: str
+    train: TrainConfig
+    seed: int
+
+
+def student_models(cfg: Config, key: str = "student_train") -> list[PlannedModel]:
+    return [PlannedModel("the student", key, cfg.student_train, cfg.seed)]
+
+
+def teacher_models(cfg: Config, names: tuple[str, ...] = ()) -> list[PlannedModel]:
+    """The teachers kdcache trains (every one, or those named), pretrained ones left out."""
+    return [PlannedModel(f"teacher {t.name}", f"teachers[{i}].train", t.train, cfg.seed)
+            for i, t in enumerate(cfg.teachers) if not t.pretrained and (not names or t.name in names)]
+
+
+def study_models(cfg: Config) -> list[PlannedModel]:
+    """Every student of the study (variant x seed), keyed by the section that sets its length."""
+    models = []
+    for name, variant in cfg.study.variants.items():
+        own = {"epochs", "max_steps"} & set(variant.student_train)
+        key = f"study.variants.{name}.student_train" if own else "student_train"
+        models += [PlannedModel(f"study student {name} (seed {seed})", key, cfg.variant(name, seed).student_train,
+                                seed) for seed in cfg.study.seeds]
+    return models
+
+
+def _length_key(model: PlannedModel) -> str:
+    field = "max_steps" if model.train.max_steps else "epochs"
+    value = getattr(model.train, field)
+    return f"{model.key}.{field} {value:,}" if field == "max_steps" else f"{model.key}.{field} {value:g}"
+
+
+def check_word_budget(cfg: Config, runs_root: str | Path, models: list[PlannedModel]) -> dict[str, int | None]:
+    """The words each model will see (None when the store records no words); a run over the track's limits, or a
+    word schedule it cannot follow, is refused before anything is trained or written."""
+    store = run_paths(cfg, runs_root).store
+    root = schema.open_store(str(store))
+    words = read_word_counts(root, "train")
+    track = cfg.babylm.track
+    if words is None and track != "none":
+        raise StoreError(f"{store}: records no words per sequence (written by an older kdcache), so babylm.track "
+                         f"{track} cannot be checked: run `kdcache upgrade {store}`")
+    seen = {}
+    for model in models:
+        total = total_steps(model.train, root[f"{schema.TOKENS}/train"].shape[0])
+        plan = plan_words(model.train, words, model.seed, total, f"{cfg.source_path}: {model.key}")
+        seen[model.name] = plan.total if plan is not None else None
+    if track == "none":
+        return seen
+    corpus_limit, seen_limit = TRACK_LIMITS[track]
+    corpus = root[f"{WORDS}/train"].attrs["words"]
+    if corpus > corpus_limit:
+        raise TrainError(f"{cfg.source_path}: the train split holds {corpus:,} words, over the {track} track's "
+                         f"{corpus_limit:,}-word corpus (babylm.track); use the track's corpus, or another track")
+    for model in models:
+        if seen[model.name] > seen_limit:
+            setting = _length_key(model)
+            raise TrainError(f"{cfg.source_path}: {setting} makes {model.name} see {seen[model.name]:,} words, over "
+                             f"the {track} track's {seen_limit:,} (babylm.track); lower {setting.split()[0]}")
+    return seen

@@ -1,0 +1,118 @@
+"""Words seen and checkpoints by words: the count in metrics.jsonl, chck_* directories at the first step reaching each
+count (complete Hugging Face directories, scored as the final model is), a distill killed between two of them
+resuming to the same set with the same bytes, and the BabyLM track's budget refused before step 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from faultlib import Run, invoke
+from kdcache.cache.schema import open_store
+from kdcache.cache.words import read_word_counts
+from kdcache.config import run_paths
+from kdcache.student.data import cumulative_words, epoch_order
+from kdcache.student.evaluate import evaluate_model
+from kdcache.student.words import checkpoint_name
+from test_crash import killed, metrics
+from test_mismatch import edit_config, untrained, user_error
+
+# the tiny run's student sees about 211 words a step over 12 steps (2,570 in all): a checkpoint every other step
+COUNTS = [400, 800, 1200, 1600, 2000, 2400]
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def word_checkpoints(run: Run) -> dict[str, dict[str, bytes]]:
+    student = run_paths(run.cfg, run.runs).student
+    return {d.name: files(d) for d in sorted((student / "checkpoints").glob("chck_*"))}
+
+
+@pytest.fixture
+def scheduled(fresh_run: Run) -> Run:
+    return edit_config(fresh_run, {"student_train.save_at_words": COUNTS})
+
+
+def test_words_seen_are_the_words_of_the_sequences_each_step_read(scheduled):
+    assert invoke("distill", *scheduled.args()).exit_code == 0
+    records = metrics(run_paths(scheduled.cfg, scheduled.runs).student)
+    words = read_word_counts(open_store(str(scheduled.store)), "train")
+    order = epoch_order(7, 0, len(words))  # the tiny run: seed 7, 12 steps of 16 sequences, all in epoch 0
+    expected = np.cumsum([words[order[16 * s : 16 * (s + 1)]].sum() for s in range(12)])
+    assert [r["words_seen"] for r in records if "loss" in r] == expected.tolist()
+    assert cumulative_words(words, 16, 7, 12)[1:].tolist() == expected.tolist()
+    # each chck_* at the first step whose words reach its count
+    for count in COUNTS:
+        step = int(np.argmax(expected >= count)) + 1
+        name = checkpoint_name(count)
+        state = json.loads(word_checkpoints(scheduled)[name]["kdcache_training.json"])
+        assert state == {"step": step, "words_seen": int(expected[step - 1]), "checkpoint_words": count}
+
+
+def test_a_word_checkpoint_loads_as_is_and_scores_as_the_final_model_does(scheduled):
+    """The last count is reached at the last step: its checkpoint holds the final weights, and the final model's
+    evaluation code path gives it the same scores."""
+    assert invoke("distill", *scheduled.args()).exit_code == 0
+    student = run_paths(scheduled.cfg, scheduled.runs).student
+    last = student / "checkpoints" / "chck_2400"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(last), AutoTokenizer.from_pretrained(last)
+    assert model.config.vocab_size == len(tokenizer) == 400
+    pairs = scheduled.cfg.eval.minimal_pair_dirs
+    got = evaluate_model(last, store=scheduled.store, pair_dirs=pairs, batch_size=32)
+    want = evaluate_model(student / "model", store=scheduled.store, pair_dirs=pairs, batch_size=32)
+    assert got["words_seen"] == want["words_seen"] == 2570
+    assert got["minimal_pairs"][pairs[0]]["paradigms"] == want["minimal_pairs"][pairs[0]]["paradigms"]
+    assert got["dev"] == want["dev"]
+
+
+def test_distill_killed_between_two_word_checkpoints_resumes_to_the_same_set_and_bytes(scheduled, tmp_path):
+    """Killed while logging step 9 (latest.pt at step 6; chck_1600 saved at step 8, chck_2K due at step 10): the
+    resumed run saves chck_1600 again from step 8's same weights, then the rest; nothing is lost or doubled."""
+    assert invoke("distill", *scheduled.args()).exit_code == 0
+    reference = word_checkpoints(scheduled)
+    assert sorted(reference) == sorted(map(checkpoint_name, COUNTS))
+    assert checkpoint_name(2000) == "chck_2K" and checkpoint_name(500_000) == "chck_500K" and checkpoint_name(7 * 10**6) == "chck_7M"
+    student = run_paths(scheduled.cfg, scheduled.runs).student
+    for path in sorted(student.rglob("*"), reverse=True):  # start over without the reference run's files
+        path.unlink() if path.is_file() else path.rmdir()
+
+    killed("log", "9", "-", "distill", *scheduled.args())
+    assert sorted(word_checkpoints(scheduled)) == ["chck_1200", "chck_1600", "chck_400", "chck_800"]
+    result = invoke("distill", *scheduled.args(), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming at step 6" in result.output
+    assert word_checkpoints(scheduled) == reference  # same directories, every file byte for byte
+    assert not list((student / "checkpoints").glob("*.partial"))
+
+
+@pytest.mark.parametrize("changes, needles", [
+    ({"babylm": {"track": "strict-small"}, "student_train.max_steps": None, "student_train.epochs": 10000},
+     ["student_train.epochs 10000 makes the student see ", " words, over the strict-small track's 100,000,000 "
+      "(babylm.track); lower student_train.epochs"]),
+    ({"student_train.save_at_words": [100, 800]},
+     ["student_train.save_at_words: 100 words is below one batch's 211 (the first step already sees more)"]),
+    ({"student_train.save_at_words": [800, 800]}, ["student_train.save_at_words [800, 800] must be increasing"]),
+    ({"student_train.save_at_words": "every-million"},
+     ["student_train.save_at_words: 'every-million' is not one of ['babylm']"]),
+    ({"babylm": {"track": "strict-tiny"}},
+     ["babylm.track: 'strict-tiny' is not one of ['strict-small', 'strict', 'interaction', 'none']"]),
+], ids=["over_budget", "below_one_batch", "not_increasing", "unknown_schedule", "unknown_track"])
+def test_bad_word_settings_are_refused_before_step_one(fresh_run, changes, needles):
+    user_error(invoke("distill", *edit_config(fresh_run, changes).args()), str(fresh_run.config), *needles)
+    assert untrained(fresh_run)
+
+
+def test_a_teacher_over_the_budget_is_refused_before_any_teacher_trains(fresh_run):
+    run = edit_config(fresh_run, {"babylm": {"track": "strict-small"}, "teachers.1.train.max_steps": None,
+                                  "teachers.1.train.epochs": 100_000})
+    teachers = run_paths(run.cfg, run.runs).root / "teachers"
+    before = files(teachers)
+    user_error(invoke("teachers", *run.args()), "teachers[1].train.epochs 100000 makes teacher tg see ",
+               "over the strict-small track's 100,000,000 (babylm.track); lower teachers[1].train.epochs")
+    assert files(teachers) == before
