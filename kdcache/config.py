@@ -132,6 +132,7 @@ class EvalConfig:
     minimal_pair_dirs: list[str] = field(default_factory=list)  # directories of BLiMP-format jsonl files
     batch_size: int = 64
     pairs_per_paradigm: int = 0  # 0: every pair; N: the first N of each paradigm (quick studies)
+    curve_pairs_per_paradigm: int = 0  # the learning curve over chck_* directories: the same, for each checkpoint
 
 
 @dataclass

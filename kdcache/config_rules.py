@@ -19,7 +19,7 @@ AT_LEAST = {"seq_len": 2, "vocab_size": 259} | dict.fromkeys(  # vocab_size: 256
      "k", "hidden_size", "intermediate_size", "num_layers", "num_heads", "batch_size", "grad_accum", "max_steps",
      "checkpoint_every", "log_every", "save_at_words"), 1) | dict.fromkeys(
     ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "num_workers", "hard_weight", "weight",
-     "teacher_weights", "samples", "pairs_per_paradigm"), 0)
+     "teacher_weights", "samples", "pairs_per_paradigm", "curve_pairs_per_paradigm"), 0)
 POSITIVE = ("lr", "epochs", "temperatures", "sample_temperature")
 
 

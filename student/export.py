@@ -19,6 +19,7 @@ from kdcache.errors import KdcacheError
 from kdcache.files import staged
 
 TRAINING_STATE = "kdcache_training.json"
+WORD_CHECKPOINTS = "checkpoints/chck_*"  # student.words names them; one complete HF directory each
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
@@ -78,3 +79,36 @@ def export_model(model: PreTrainedModel, tokenizer_dir: str | Path, out_dir: str
         if training is not None:
             (tmp / TRAINING_STATE).write_text(json.dumps(training, indent=2) + "\n")
     return out_dir
+
+
+def word_checkpoints(training_dir: str | Path) -> list[tuple[dict, Path]]:
+    """The chck_* directories a training run saved, with the training state each records, by the count each was
+    saved at."""
+    found = [(state, directory) for directory in Path(training_dir).glob(WORD_CHECKPOINTS)
+             if directory.is_dir() and (state := read_training_state(directory)) is not None]
+    return sorted(found, key=lambda item: item[0]["checkpoint_words"])
+
+
+def submission_branches(run: str | Path) -> tuple[Path, dict[str, Path]]:
+    """The training directory of RUN (runs/<name>, whose student it takes, or a training directory itself) and its
+    BabyLM branches: `main` = the final model, then chck_<N>M for every checkpoint by words seen."""
+    run = Path(run)
+    training_dir = run / "student" if (run / "student" / "model").is_dir() else run
+    if not (training_dir / "model").is_dir():
+        raise ExportError(f"{run}: no trained model here (give runs/<name> or a training directory holding model/)")
+    return training_dir, {"main": training_dir / "model",
+                          **{directory.name: directory for _, directory in word_checkpoints(training_dir)}}
+
+
+def export_submission(run: str | Path, out: str | Path, repo: str) -> list[str]:
+    """BabyLM's submission layout in `out` (one folder per branch, each a complete HF directory, written atomically)
+    and the `huggingface-cli upload` line of each branch, also written to out/upload.sh; returns those lines."""
+    _, branches = submission_branches(run)
+    out = Path(out)
+    lines = [f"huggingface-cli upload {repo} {out / branch} . --revision {branch}" for branch in branches]
+    with staged(out) as tmp:
+        for branch, source in branches.items():
+            shutil.copytree(source, tmp / branch)
+        (tmp / "upload.sh").write_text("#!/bin/sh\n# main first: a new branch starts from main's files (all replaced)\n"
+                                       "set -e\n" + "".join(line + "\n" for line in lines))
+    return lines

@@ -9,18 +9,16 @@ repository. Words are counted in total (an epoch's words count again in the next
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from kdcache.config import TrainConfig
 from kdcache.student.checkpoint import TrainError
 from kdcache.student.data import cumulative_words
-from kdcache.student.export import read_training_state
 
 MILLION = 1_000_000
 BABYLM_SCHEDULE = tuple(m * MILLION for m in [*range(1, 10), *range(10, 100, 10), *range(100, 1001, 100)])
-CHECKPOINT_PREFIX = "chck_"
+CHECKPOINT_PREFIX = "chck_"  # BabyLM's branch names (kdcache.student.export lists such directories)
 
 
 def checkpoint_name(count: int) -> str:
@@ -75,10 +73,3 @@ def plan_words(cfg: TrainConfig, words: np.ndarray | None, seed: int, total: int
         raise TrainError(f"{where}.save_at_words: {schedule[0]:,} words is below one batch's {int(seen[1]):,} (the "
                          f"first step already sees more): start the schedule at {int(seen[1]):,} or more")
     return WordPlan(seen, schedule)
-
-
-def word_checkpoints(out_dir: Path) -> list[tuple[dict, Path]]:
-    """The chck_* directories a run saved, with the training state each one records, by the count it was saved at."""
-    found = [(state, directory) for directory in (out_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
-             if directory.is_dir() and (state := read_training_state(directory)) is not None]
-    return sorted(found, key=lambda item: item[0]["checkpoint_words"])

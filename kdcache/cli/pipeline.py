@@ -177,30 +177,70 @@ def evaluate(model_dirs: tuple[str, ...], config_path: str | None, runs_root: st
         if json_out:
             atomic_write(json_out, document)
     click.echo(compare(reports))
+    if cfg is not None and not model_dirs:
+        write_curves(cfg, runs_root, models, store, list(pair_dirs), batch_size or 64)
+
+
+def write_curves(cfg: Config, runs_root: str, models: dict[str, str], store: str, pair_dirs: list[str],
+                 batch_size: int) -> None:
+    """The learning curves of the run's models that saved checkpoints by words seen: every chck_* scored, then
+    runs/<name>/eval/curves.json and curves.png (log x axis)."""
+    from kdcache.files import atomic_write
+    from kdcache.student.curves import model_curve
+    from kdcache.study.figure import plot_word_curves
+
+    curves = {}
+    for name, source in models.items():
+        points = model_curve(source, store=store, pair_dirs=pair_dirs, batch_size=batch_size,
+                             pairs_per_paradigm=cfg.eval.curve_pairs_per_paradigm, echo=click.echo)
+        if points:
+            curves[name] = points
+    if not curves:
+        return
+    out = run_paths(cfg, runs_root).eval
+    atomic_write(out / "curves.json", json.dumps({"name": cfg.name, "curves": curves}, indent=2) + "\n")
+    plot_word_curves(curves, out / "curves.png", f"{cfg.name}: learning curves by words seen")
+    click.echo(f"wrote {out / 'curves.json'}, {out / 'curves.png'} ({sum(map(len, curves.values()))} points)")
 
 
 @command("export")
 @click.argument("source")
-@click.argument("out")
+@click.argument("out", required=False)
 @click.option("--tokenizer", "tokenizer_dir",
               help="Tokenizer directory (default: SOURCE's own, or the one a checkpoint was trained with).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(source: str, out: str, tokenizer_dir: str | None, overwrite: bool) -> None:
-    """Export SOURCE (a model directory or a training checkpoint .pt) to OUT as a Hugging Face directory."""
-    from kdcache.student.export import ExportError, export_model, load_model_dir
+@click.option("--submission", type=click.Path(file_okay=False),
+              help="Instead: SOURCE is a run (runs/<name>); write its final model and every chck_* checkpoint here, "
+                   "one folder per BabyLM branch, with the upload commands.")
+@click.option("--repo", default="<hf-user>/<model-name>", show_default=True,
+              help="Hugging Face repository the --submission upload lines push to.")
+def export(source: str, out: str | None, tokenizer_dir: str | None, overwrite: bool, submission: str | None,
+           repo: str) -> None:
+    """Export SOURCE (a model directory or a training checkpoint .pt) to OUT as a Hugging Face directory; or, with
+    `--submission OUT RUN`, a run's final model and checkpoints by words seen in BabyLM's layout."""
+    from kdcache.student.export import ExportError, export_model, export_submission, load_model_dir, read_training_state
     from kdcache.student.checkpoint import model_from_checkpoint
 
+    if (submission is None) == (out is None):
+        raise click.UsageError("give SOURCE OUT, or --submission OUT RUN")
+    out = submission or out
     if Path(out).exists() and not overwrite:
         raise ExportError(f"{out}: exists; export replaces OUT as a whole (pass --overwrite, or give a new path)")
+    if submission is not None:
+        lines = export_submission(source, out, repo)
+        click.echo(f"wrote {out}: {len(lines)} branches; push them with ({out}/upload.sh):")
+        click.echo("\n".join(lines))
+        return
     if not Path(source).exists() and Path(source).suffix != ".pt":
         raise ExportError(f"{source}: not found (SOURCE is a model directory or a training checkpoint .pt)")
     if Path(source).is_dir():
-        model = load_model_dir(source)
+        model, training = load_model_dir(source), read_training_state(source)
         tokenizer_dir = tokenizer_dir or source
     else:
         model, ckpt = model_from_checkpoint(source)
         tokenizer_dir = tokenizer_dir or ckpt["tokenizer_dir"]
-    click.echo(f"wrote {export_model(model, tokenizer_dir, out)}")
+        training = {"step": ckpt["step"], "words_seen": ckpt.get("words_seen")}
+    click.echo(f"wrote {export_model(model, tokenizer_dir, out, training)}")
 
 
 @command("study")

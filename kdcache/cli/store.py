@@ -145,12 +145,17 @@ FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 @json_option
 def plot(paths: tuple[str, ...], out: str, sample: int, seed: int, split: str, teachers: tuple[str, ...],
          as_json: bool) -> None:
-    """A figure of one STORE's `stats` (top-k mass, entropy by position, teacher agreement), or of the dev
-    cross-entropy learning curves of one or more training run directories (each holding a metrics.jsonl)."""
+    """A figure of one STORE's `stats` (top-k mass, entropy by position, teacher agreement), of the dev
+    cross-entropy learning curves of one or more training run directories (each holding a metrics.jsonl), or of the
+    learning curves by words seen of one or more runs (runs/<name>, or the curves.json `kdcache eval` wrote there)."""
     if not Path(out).parent.is_dir():
         raise click.ClickException(f"{out}: directory {Path(out).parent} does not exist")
     if Path(out).suffix.lower() not in FIGURE_SUFFIXES:
         raise click.ClickException(f"{out}: a figure is written as {', '.join(FIGURE_SUFFIXES)}")
+    curve_files = [curves_file(Path(p)) for p in paths]
+    if all(curve_files):
+        emit(as_json, plot_word_curves_of(curve_files, Path(out)), lambda d: f"wrote {d['out']} ({len(d['runs'])} runs)")
+        return
     runs = [Path(p) for p in paths if (Path(p) / METRICS_FILE).is_file()]
     if runs:
         emit(as_json, plot_run_curves(paths, Path(out)), lambda d: f"wrote {d['out']} ({len(d['runs'])} runs)")
@@ -176,6 +181,29 @@ def plot_run_curves(paths: tuple[str, ...], out: Path) -> dict:
         curves[path] = [curve]
     plot_curves(curves, out, "dev cross-entropy while training")
     return {"out": str(out), "runs": list(paths)}
+
+
+def curves_file(path: Path) -> Path | None:
+    """The curves.json `kdcache eval` wrote: `path` itself, or runs/<name>/eval/curves.json for a run directory."""
+    for candidate in (path, path / "eval" / "curves.json"):
+        if candidate.is_file() and candidate.name == "curves.json":
+            return candidate
+    return None
+
+
+def plot_word_curves_of(files: list[Path], out: Path) -> dict:
+    """Several runs' learning curves by words seen on one figure, one line per run and model."""
+    from kdcache.study.figure import plot_word_curves
+
+    curves = {}
+    for path in files:
+        try:
+            document = json.loads(path.read_text())
+            curves |= {f"{document['name']}/{model}": points for model, points in document["curves"].items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise click.ClickException(f"{path}: not a curves.json of `kdcache eval` ({e.__class__.__name__}: {e})")
+    plot_word_curves(curves, out, "learning curves by words seen")
+    return {"out": str(out), "runs": [str(p) for p in files]}
 
 
 @command("upgrade")

@@ -1,4 +1,5 @@
-"""Figures of training runs: dev cross-entropy learning curves, and a study's final metrics with error bars."""
+"""Figures of training runs: dev cross-entropy learning curves, learning curves by words seen (the chck_*
+checkpoints), and a study's final metrics with error bars."""
 
 from __future__ import annotations
 
@@ -81,6 +82,26 @@ def plot_study(results: list[dict[str, Any]], summary: dict[str, Any], out: Path
         low, high = min(min(summary[n][metric]["values"]) for n in names), max(max(summary[n][metric]["values"]) for n in names)
         pad = (high - low) * 0.5 or abs(high) * 0.01 or 0.01
         ax.set(ylim=(low - pad, high + pad), title=label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, out)
+    plt.close(fig)
+
+
+def plot_word_curves(curves: dict[str, list[dict[str, Any]]], out: Path, title: str) -> None:
+    """Dev CE and minimal-pair accuracy against words seen (log scale), one line per model (`kdcache eval`'s
+    curves.json, or several runs' together: `kdcache plot`)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, label in ((axes[0], "dev_ce", "dev cross-entropy (nats)"), (axes[1], "pairs", "minimal-pair accuracy")):
+        for name, points in curves.items():
+            xy = [(p["words_seen"], p[metric]) for p in points if p.get(metric) is not None and p.get("words_seen")]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set(xlabel="words seen", ylabel=label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, out)

@@ -116,3 +116,41 @@ def test_a_teacher_over_the_budget_is_refused_before_any_teacher_trains(fresh_ru
     user_error(invoke("teachers", *run.args()), "teachers[1].train.epochs 100000 makes teacher tg see ",
                "over the strict-small track's 100,000,000 (babylm.track); lower teachers[1].train.epochs")
     assert files(teachers) == before
+
+
+def test_eval_scores_every_word_checkpoint_and_plot_draws_several_runs(scheduled, tmp_path):
+    assert invoke("distill", *scheduled.args()).exit_code == 0
+    result = invoke("eval", *scheduled.args())
+    assert result.exit_code == 0, result.output
+    assert "words seen" in result.output  # the table's row: each trained model's words
+    eval_dir = run_paths(scheduled.cfg, scheduled.runs).eval
+    document = json.loads((eval_dir / "curves.json").read_text())
+    points = document["curves"]["student"]
+    assert [p["checkpoint"] for p in points] == [*map(checkpoint_name, COUNTS), "final"]
+    words = [p["words_seen"] for p in points]
+    assert words == sorted(words) and words[-1] == 2570 and all(w >= c for w, c in zip(words, COUNTS))
+    assert points[-2]["dev_ce"] == points[-1]["dev_ce"]  # chck_2400 holds the final weights
+    assert set(document["curves"]) == {"student"}  # the teachers saved no checkpoints by words
+    assert (eval_dir / "curves.png").stat().st_size > 0
+    out = tmp_path / "both.png"
+    plotted = invoke("plot", str(scheduled.runs / "tiny"), str(eval_dir / "curves.json"), "--out", str(out))
+    assert plotted.exit_code == 0 and "(2 runs)" in plotted.output and out.stat().st_size > 0
+
+
+def test_export_submission_writes_one_folder_per_branch_and_the_upload_lines(scheduled, tmp_path):
+    assert invoke("distill", *scheduled.args()).exit_code == 0
+    out = tmp_path / "submission"
+    result = invoke("export", "--submission", str(out), str(scheduled.runs / "tiny"), "--repo", "me/tiny-kd")
+    assert result.exit_code == 0, result.output
+    branches = ["main", *map(checkpoint_name, COUNTS)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*branches, "upload.sh"])
+    lines = [f"huggingface-cli upload me/tiny-kd {out / b} . --revision {b}" for b in branches]
+    assert result.output.strip().splitlines()[1:] == lines
+    assert (out / "upload.sh").read_text().splitlines()[-len(lines):] == lines
+    student = run_paths(scheduled.cfg, scheduled.runs).student
+    assert files(out / "main") == files(student / "model")
+    for name in branches[1:]:
+        assert files(out / name) == files(student / "checkpoints" / name)
+        assert AutoModelForCausalLM.from_pretrained(out / name).config.vocab_size == 400
+    refused = invoke("export", "--submission", str(out), str(scheduled.runs / "tiny"))
+    user_error(refused, f"{out}: exists")
