@@ -153,7 +153,7 @@ def train(
     out_dir = Path(out_dir)
     check_batch_split(cfg, d.world)
     total = total_steps(cfg, len(dataset))
-    word_plan = plan_words(cfg, words, seed, total, str(out_dir))
+    word_plan = plan_words(cfg, words, seed, total, f"{out_dir}: train")
     fingerprint = run_fingerprint(fingerprint, seed, cfg)
     module, state = make_state(model, extra_modules, loss_fn, cfg, total, d)
     torch.manual_seed(seed + d.rank)  # dropout draws: reproducible, and different on each rank

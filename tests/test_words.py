@@ -116,3 +116,14 @@ def test_damaged_counts_are_refused(run, tmp_path):
     root[f"{WORDS}/train"].attrs["words"] = root[f"{WORDS}/train"].attrs["words"] + 1
     with pytest.raises(schema.StoreError, match="words/train holds .* summing to"):
         read_word_counts(schema.open_store(str(store)), "train")
+
+
+def test_the_babylm_schedule_is_cut_at_the_runs_total_and_named_as_its_branches():
+    from kdcache.student.words import BABYLM_SCHEDULE, checkpoint_name, word_schedule
+
+    millions = [c // 10**6 for c in BABYLM_SCHEDULE]
+    assert millions == [*range(1, 11), *range(20, 101, 10), *range(200, 1001, 100)]
+    assert [checkpoint_name(c) for c in word_schedule("babylm", 60_400_000)] == \
+        [f"chck_{m}M" for m in [*range(1, 11), 20, 30, 40, 50, 60]]
+    assert word_schedule([5, 9], 3) == [5, 9] and word_schedule(None, 10**9) == []
+    assert [checkpoint_name(c) for c in (500_000, 1_500_000, 1234)] == ["chck_500K", "chck_1500K", "chck_1234"]

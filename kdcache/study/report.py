@@ -14,6 +14,7 @@ METRICS = {
     "dev_perplexity": ("dev perplexity", "{:.2f}", True),
     "pairs": ("minimal pairs", "{:.4f}", False),
     "train_tokens_per_s": ("train tokens/s", "{:,.0f}", False),
+    "words_seen": ("words seen", "{:,.0f}", False),  # BabyLM's count (whitespace words of the training text)
 }
 COMPARED = ("dev_ce", "pairs")  # the metrics whose paired differences to the baseline are reported
 
@@ -23,10 +24,13 @@ def metric_values(result: dict[str, Any]) -> dict[str, float]:
     pairs = list(result["pairs"].values())
     return {"dev_ce": result["dev_ce"], "dev_perplexity": result["dev_perplexity"],
             "pairs": sum(pairs) / len(pairs) if pairs else math.nan,
-            "train_tokens_per_s": result["train_tokens_per_s"] or math.nan}
+            "train_tokens_per_s": result["train_tokens_per_s"] or math.nan,
+            "words_seen": result.get("words_seen") or math.nan}  # None: a store without words, or an older result
 
 
 def spread(values: list[float]) -> dict[str, Any]:
+    if any(math.isnan(v) for v in values):  # a metric some run lacks (words seen of a store without words)
+        return {"mean": math.nan, "std": None, "values": values}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "values": values}
 

@@ -66,7 +66,7 @@ def write_result(cfg: Config, run: StudyRun, kind: str, model_dir: Path, seconds
         "train_tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
         "train_seconds": seconds,  # this invocation's (a resumed run counts only what was left)
         "curve": [(r["step"], r["dev_ce"]) for r in records if "dev_ce" in r],
-        "parameters": report["parameters"],
+        "parameters": report["parameters"], "words_seen": report["words_seen"],
     }
     atomic_write(run.result, json.dumps(result, indent=2) + "\n")
 
@@ -84,6 +84,7 @@ def teacher_results(cfg: Config, runs_root: str | Path = "runs") -> dict[str, di
                                     pairs_per_paradigm=cfg.eval.pairs_per_paradigm)
             pairs = [r["mean"] for r in report["minimal_pairs"].values()]
             atomic_write(path, json.dumps({"dev_ce": report["dev"]["ce"], "parameters": report["parameters"],
+                                           "words_seen": report["words_seen"],
                                            "pairs": sum(pairs) / len(pairs) if pairs else None}, indent=2) + "\n")
         results[teacher.name] = json.loads(path.read_text())
     return results
@@ -119,7 +120,9 @@ def write_study(cfg: Config, results: list[dict[str, Any]], runs_root: str | Pat
                           for name, v in cfg.study.variants.items())
     teacher_lines = "\n".join(
         f"- teacher `{name}`: {r['parameters'] / 1e6:.2f}M parameters, dev CE {r['dev_ce']:.4f}"
-        + ("" if r["pairs"] is None else f", minimal pairs {r['pairs']:.4f}") for name, r in teachers.items())
+        + ("" if r["pairs"] is None else f", minimal pairs {r['pairs']:.4f}")
+        + ("" if r.get("words_seen") is None else f", {r['words_seen']:,} words seen in training")
+        for name, r in teachers.items())
     markdown = f"""# Study `{cfg.name}`
 
 Config `{cfg.source_path}`; seeds {cfg.study.seeds} (a seed sets the student's initial weights and data order; the
@@ -131,7 +134,8 @@ variants of one seed share both). Students trained in {trained_s / 60:.1f} min (
 
 Mean ± standard deviation over seeds. Δ: the paired difference to `{baseline}` (same seed), its mean and 95%
 Student-t confidence interval over seeds; `*` marks an interval that excludes 0. Lower dev CE is better, higher
-minimal-pair accuracy is better. Train tokens/s is the mean over each run's logged windows.
+minimal-pair accuracy is better. Train tokens/s is the mean over each run's logged windows. Words seen: BabyLM's
+count (whitespace words of the training text, every epoch again), for each year's word-budget accounting.
 
 Variants:
 {overrides}
