@@ -5,6 +5,7 @@ resuming to the same set with the same bytes, and the BabyLM track's budget refu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,22 @@ def word_checkpoints(run: Run) -> dict[str, dict[str, bytes]]:
     return {d.name: files(d) for d in sorted((student / "checkpoints").glob("chck_*"))}
 
 
-@pytest.fixture
-def scheduled(fresh_run: Run) -> Run:
-    return edit_config(fresh_run, {"student_train.save_at_words": COUNTS})
+def with_schedule(cached_run: Run, root: Path) -> Run:
+    """A copy of the shared cached run whose student saves at COUNTS."""
+    shutil.copytree(cached_run.runs, root / "runs")
+    (root / "tiny.yaml").write_text(cached_run.config.read_text().replace(str(cached_run.runs), str(root / "runs")))
+    return edit_config(Run(root / "tiny.yaml", root / "runs"), {"student_train.save_at_words": COUNTS})
+
+
+@pytest.fixture(scope="module")
+def scheduled(cached_run: Run, tmp_path_factory) -> Run:
+    """Distilled once with the schedule (the tests below only read it, or write beside it)."""
+    run = with_schedule(cached_run, tmp_path_factory.mktemp("scheduled"))
+    assert invoke("distill", *run.args()).exit_code == 0
+    return run
 
 
 def test_words_seen_are_the_words_of_the_sequences_each_step_read(scheduled):
-    assert invoke("distill", *scheduled.args()).exit_code == 0
     records = metrics(run_paths(scheduled.cfg, scheduled.runs).student)
     words = read_word_counts(open_store(str(scheduled.store)), "train")
     order = epoch_order(7, 0, len(words))  # the tiny run: seed 7, 12 steps of 16 sequences, all in epoch 0
@@ -58,7 +68,6 @@ def test_words_seen_are_the_words_of_the_sequences_each_step_read(scheduled):
 def test_a_word_checkpoint_loads_as_is_and_scores_as_the_final_model_does(scheduled):
     """The last count is reached at the last step: its checkpoint holds the final weights, and the final model's
     evaluation code path gives it the same scores."""
-    assert invoke("distill", *scheduled.args()).exit_code == 0
     student = run_paths(scheduled.cfg, scheduled.runs).student
     last = student / "checkpoints" / "chck_2400"
     model, tokenizer = AutoModelForCausalLM.from_pretrained(last), AutoTokenizer.from_pretrained(last)
@@ -71,24 +80,20 @@ def test_a_word_checkpoint_loads_as_is_and_scores_as_the_final_model_does(schedu
     assert got["dev"] == want["dev"]
 
 
-def test_distill_killed_between_two_word_checkpoints_resumes_to_the_same_set_and_bytes(scheduled, tmp_path):
+def test_distill_killed_between_two_word_checkpoints_resumes_to_the_same_set_and_bytes(cached_run, scheduled,
+                                                                                        tmp_path):
     """Killed while logging step 9 (latest.pt at step 6; chck_1600 saved at step 8, chck_2K due at step 10): the
     resumed run saves chck_1600 again from step 8's same weights, then the rest; nothing is lost or doubled."""
-    assert invoke("distill", *scheduled.args()).exit_code == 0
-    reference = word_checkpoints(scheduled)
+    reference = word_checkpoints(scheduled)  # the uninterrupted run's
     assert sorted(reference) == sorted(map(checkpoint_name, COUNTS))
-    assert checkpoint_name(2000) == "chck_2K" and checkpoint_name(500_000) == "chck_500K" and checkpoint_name(7 * 10**6) == "chck_7M"
-    student = run_paths(scheduled.cfg, scheduled.runs).student
-    for path in sorted(student.rglob("*"), reverse=True):  # start over without the reference run's files
-        path.unlink() if path.is_file() else path.rmdir()
-
-    killed("log", "9", "-", "distill", *scheduled.args())
-    assert sorted(word_checkpoints(scheduled)) == ["chck_1200", "chck_1600", "chck_400", "chck_800"]
-    result = invoke("distill", *scheduled.args(), "--resume")
+    run = with_schedule(cached_run, tmp_path)
+    killed("log", "9", "-", "distill", *run.args())
+    assert sorted(word_checkpoints(run)) == ["chck_1200", "chck_1600", "chck_400", "chck_800"]
+    result = invoke("distill", *run.args(), "--resume")
     assert result.exit_code == 0, result.output
     assert "resuming at step 6" in result.output
-    assert word_checkpoints(scheduled) == reference  # same directories, every file byte for byte
-    assert not list((student / "checkpoints").glob("*.partial"))
+    assert word_checkpoints(run) == reference  # same directories, every file byte for byte
+    assert not list((run_paths(run.cfg, run.runs).student / "checkpoints").glob("*.partial"))
 
 
 @pytest.mark.parametrize("changes, needles", [
@@ -119,7 +124,6 @@ def test_a_teacher_over_the_budget_is_refused_before_any_teacher_trains(fresh_ru
 
 
 def test_eval_scores_every_word_checkpoint_and_plot_draws_several_runs(scheduled, tmp_path):
-    assert invoke("distill", *scheduled.args()).exit_code == 0
     result = invoke("eval", *scheduled.args())
     assert result.exit_code == 0, result.output
     assert "words seen" in result.output  # the table's row: each trained model's words
@@ -138,7 +142,6 @@ def test_eval_scores_every_word_checkpoint_and_plot_draws_several_runs(scheduled
 
 
 def test_export_submission_writes_one_folder_per_branch_and_the_upload_lines(scheduled, tmp_path):
-    assert invoke("distill", *scheduled.args()).exit_code == 0
     out = tmp_path / "submission"
     result = invoke("export", "--submission", str(out), str(scheduled.runs / "tiny"), "--repo", "me/tiny-kd")
     assert result.exit_code == 0, result.output
