@@ -83,3 +83,44 @@ def test_the_student_distils_and_exports_with_the_pretrained_tokenizer(hub):
     assert (exported / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
     assert (run / "eval" / "student.json").is_file()
 
+
+
+def test_a_large_vocabulary_is_precomputed_in_passes_and_the_loss_in_chunks_without_changing_a_value(monkeypatch):
+    """At V = 150,016 a batch goes through the teachers in passes of PASS_LOGITS logits and the student's loss in
+    chunks sized to V; with one sequence a pass and three positions a chunk, every value is the same."""
+    import kdcache.precompute.targets as targets
+    from kdcache.config import CacheConfig
+    from kdcache.precompute.teachers import Teacher
+    from kdcache.student.kd.engine import TeacherTargets, default_chunk_positions, distillation_loss
+    from kdcache.student.kd.form import kd_form
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=PADDED_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    teachers = [Teacher(name, LlamaForCausalLM(config).eval(), {}, []) for name in ("a", "b")]
+    ids = torch.randint(FIRST_WORD_ID, TOKENIZER_IDS, (3, 8))
+    cache = CacheConfig(k=8, samples=16, ensemble=True)
+
+    def run() -> dict:
+        generators = {t.name: torch.Generator().manual_seed(5) for t in teachers}
+        with torch.no_grad():
+            return targets.batch_targets(teachers, ids, cache, generators, True, ("train", 0))
+
+    whole = run()
+    monkeypatch.setattr(targets, "PASS_LOGITS", 8 * PADDED_VOCAB)  # one sequence a pass
+    passes = run()
+    for group, arrays in whole.items():
+        for name, value in arrays.items():
+            assert torch.equal(value, passes[group][name]), (group, name)
+    assert whole["a"]["topk_ids"].max() > 65_535
+
+    assert default_chunk_positions(PADDED_VOCAB) == 2**26 // PADDED_VOCAB < 4096
+    logits = torch.randn(3, 8, PADDED_VOCAB, requires_grad=True)
+    group = TeacherTargets("a", 0.5, kd_form("tail"), {key: whole["a"][key] for key in ("topk_logits", "topk_ids")}
+                           | {"lse": whole["a"]["lse"][..., 0]})
+    grads = []
+    for chunk in (None, 3):
+        total, terms = distillation_loss(logits, ids, [group], 0.5, 1.0, chunk_positions=chunk)
+        grads.append((total.detach(), torch.autograd.grad(total, logits)[0]))
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1], atol=1e-8)
