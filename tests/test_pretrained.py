@@ -57,6 +57,8 @@ def test_store_holds_the_pretrained_tokenizers_ids_beyond_uint16(hub):
     assert np.array_equal(ids[..., :4], logits.topk(4, dim=-1).indices.numpy())
     assert verify_store(run / "cache.zarr") == []
     kdcache("verify", str(run / "cache.zarr"))  # exit 0
+    stats = json.loads(kdcache("stats", str(run / "cache.zarr"), "--sample", "4", "--json"))
+    assert "smollm2" in json.dumps(stats)
 
 
 def test_show_decodes_ids_above_65535(hub):
