@@ -152,13 +152,14 @@ def run(profile: Profile, workdir: Path) -> Section:
         "logits bound what is held). The plain step grows "
         f"{large[6] / small[6]:.1f}x and the KD step {large[7] / small[7]:.1f}x: the student's own output layer, "
         "its softmax and the AdamW update of its V-row embedding and head. KD / plain: "
-        f"{', '.join(f'{row[8]:.2f}' for row in rows)}: the KD loss adds one chunked pass over the student's "
-        "logits, as its cross-entropy does, so the ratio does not grow with V (its spread here is the load's).",
+        f"{', '.join(f'{row[8]:.2f}' for row in rows)}: the KD loss computes the cross-entropy and each teacher's KL "
+        "in one chunked pass over the student's logits with their analytic gradient, about what autograd's "
+        "cross-entropy costs alone, so the ratio does not grow with V (its spread here is the load's).",
         f"Bytes do not scale with V, only with its logarithm: top-64 + lse take {small[1]:.0f} to {large[1]:.0f} "
         f"B/position, 64 samples {small[2]:.0f} to {large[2]:.0f}; the float16 logits and float32 lse are the same "
         "at every V, the ids need log2(V) bit planes after bitshuffle (12 at 4,096, 18 at 150,000; uint32 past "
-        "65,536 adds no plane that is not used). The reader's rate follows the bytes: a position's targets are k "
-        "values, not V.",
+        "65,536 adds no plane that is not used). The reader decodes k values per position, not V: its rate does not "
+        "depend on V beyond the load's spread.",
         f"V = {BIG_VOCAB:,} at the default cache batch (64 sequences of {profile.seq_len}, {profile.samples} "
         f"samples): precompute peaks at {big.peak / 2**30:.2f} GiB resident ({(big.peak - big.before) / 2**30:.2f} "
         f"GiB over the process before it), {big_rate:,.0f} positions/s.",

@@ -2,7 +2,7 @@
 
 A teacher's identity (source, architecture, config, weights' sha256) goes into its group's attributes, so a
 group computed by another teacher is never extended. A teacher whose tokenizer or vocabulary differs from the
-store's is refused before anything is computed.
+store's is refused before its weights load.
 """
 
 from __future__ import annotations
@@ -72,20 +72,19 @@ def check_tokenizer(name: str, source: str, store: str, store_attrs: dict[str, A
                          f"(tokenizer_sha256 {store_sha})")
 
 
-def check_vocab(name: str, source: str, store: str, store_attrs: dict[str, Any]) -> PretrainedConfig:
-    """The teacher's config, once its vocabulary is the store's (read before any weight is)."""
+def check_teacher_vocab(name: str, source: str, store: str, store_attrs: dict[str, Any]) -> None:
+    """Refuse a teacher whose vocabulary is not the store's, from its config.json alone (before any weight loads)."""
     config = AutoConfig.from_pretrained(source)
     if config.vocab_size != store_attrs["vocab_size"]:
         raise StoreError(f"teacher {name!r} ({source}) has vocab_size {config.vocab_size}, the store {store} has "
                          f"vocab_size {store_attrs['vocab_size']} (the run's tokenizer's ids and any padding)")
-    return config
 
 
 def load_teacher(cfg: Config, name: str, source: str, store: str, store_attrs: dict[str, Any],
                  device: torch.device) -> Teacher:
     """The teacher's model on `device` in eval mode, once its tokenizer, vocabulary and hidden layers fit."""
     check_tokenizer(name, source, store, store_attrs)
-    check_vocab(name, source, store, store_attrs)
+    check_teacher_vocab(name, source, store, store_attrs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     config = model.config
     layers = sorted(cfg.cache.hidden_layers.get(name, []))
