@@ -17,7 +17,7 @@ TOKENIZER_IDS = 150_000  # ids the tokenizer emits: 0..149,999
 PADDED_VOCAB = 150_016  # the model's embedding rows, as GPT-2 and Qwen pad theirs
 FIRST_WORD_ID = 100_000  # the corpus words: every one of them is an id above 65,535
 REPO = Path(__file__).resolve().parents[1]
-SEED, SENTENCES, SEQ = 7, 120, 16  # the demo corpus of the hub config's tests
+SEED, SENTENCES, SEQ = 7, 60, 16  # the demo corpus of the hub config's tests
 
 
 def demo_words(seed: int, sentences: int) -> list[str]:
