@@ -53,8 +53,9 @@ study: $(RUN)/.cache.done
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# `make bench SECTION=vocab`: that section alone, spliced into docs/benchmarks.md
 bench: $(VENV)/.installed
-	$(PY) benchmarks/run_all.py --out docs/benchmarks.md
+	$(PY) benchmarks/run_all.py --out docs/benchmarks.md $(if $(SECTION),--section $(SECTION))
 
 clean:
 	rm -rf $(RUN)

@@ -1,6 +1,7 @@
 """`make bench`: every CPU benchmark in one run, written to docs/benchmarks.md.
 
     .venv/bin/python benchmarks/run_all.py --out docs/benchmarks.md
+    .venv/bin/python benchmarks/run_all.py --out docs/benchmarks.md --section vocab   # one section, spliced in
 
 The file is regenerated except for its `<!-- keep:NAME -->` ... `<!-- /keep:NAME -->` blocks, which are carried
 over from the previous file: `targets` (the hand-written reading of the figures) and `gpu` (the tables gpu.sh
@@ -20,7 +21,8 @@ import bench_reader
 import bench_scaling
 import bench_step
 import bench_store
-from benchlib import PROFILES, REPO, machine, report, run_section
+import bench_vocab
+from benchlib import PROFILES, REPO, Section, machine, report, run_section
 
 KEEP = re.compile(r"<!-- keep:(\w+) -->\n(.*?)<!-- /keep:\1 -->", re.S)
 DEFAULT_BLOCKS = {
@@ -39,11 +41,33 @@ def block(name: str, blocks: dict[str, str]) -> str:
     return f"<!-- keep:{name} -->\n{blocks[name]}<!-- /keep:{name} -->"
 
 
+# Sections that can run alone (`--section NAME`): their markdown replaces theirs in the existing file.
+ALONE = {"vocab": bench_vocab.run}
+
+
+def splice(path: Path, section: Section) -> None:
+    """Replace `section`'s markdown in the file at `path` (append it when the file has none yet)."""
+    text = path.read_text()
+    title = section.title.split(".")[0]
+    old = re.compile(rf"## {re.escape(title)}\. .*?\(this section ran in \d+ s\)", re.S)
+    new = section.markdown()
+    text = old.sub(lambda _: new, text, count=1) if old.search(text) else text.rstrip("\n") + "\n\n" + new + "\n"
+    tmp_out = path.with_name(path.name + ".partial")
+    tmp_out.write_text(text)
+    tmp_out.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--section", choices=sorted(ALONE), help="Run this section alone and splice it into --out.")
     args = parser.parse_args()
     profile = PROFILES["cpu"]
+    if args.section:
+        with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
+            splice(args.out, run_section(ALONE[args.section], profile, Path(tmp)))
+        print(f"wrote {args.out} (section {args.section})")
+        return
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         work = Path(tmp)
@@ -55,7 +79,8 @@ def main() -> None:
                              "BabyLM text (the second group a copy), 256 sequences")
         step = run_section(bench_step.run, profile)
         scaling = run_section(bench_scaling.run, profile, work)
-    sections = [precompute, storage, reader, step, scaling]
+        vocab = run_section(bench_vocab.run, profile, work)
+    sections = [precompute, storage, reader, step, scaling, vocab]
     info = {**machine(profile.device), "run time": f"{time.perf_counter() - start:.0f} s"}
     header, summary, body = report(info, sections)
     blocks = kept_blocks(args.out)

@@ -12,7 +12,8 @@ sorted or not, NaN payloads included. The last axis is the row.
 codec's configuration holds (kdcache writes the ids by descending frequency in the split's tokens). A
 teacher's top-k favours frequent tokens, so ranks are mostly small numbers whose high bit planes are all zero,
 which bitshuffle + lz4 store in fewer bytes (84 -> 72 B per top-64 row of a teacher trained on BabyLM text).
-Values outside the order (>= its length) stay as they are, so every uint16 round-trips.
+Values outside the order (>= its length) stay as they are, so every uint16 round-trips. A vocabulary beyond
+65,536 ids has uint32 ids and ranks: the configuration then says `"dtype": "uint32"` and its order is uint32.
 
 Both are registered with zarr-python on import (and through the `zarr.codecs` entry point, so plain
 zarr-python reads a kdcache store when kdcache is installed); `kdcache.cache.encoder` and `.reader` call the same
@@ -38,6 +39,7 @@ SORTED_KEY_DELTA = "kdcache.sorted_key_delta"
 VOCAB_RANK = "kdcache.vocab_rank"
 SIGN = np.uint16(0x8000)
 UINT16_VALUES = 2**16
+ID_DTYPES = ("uint16", "uint32")  # token ids: uint16 up to 65,536 ids, uint32 beyond
 
 
 def encode_sorted_key_delta(values: np.ndarray) -> np.ndarray:
@@ -63,18 +65,19 @@ def decode_sorted_key_delta(encoded: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ArrayTransform(ArrayArrayCodec):
-    """What the two codecs share: a numpy transform of `value_dtype` arrays to uint16 and back, wrapped for zarr."""
+    """What the two codecs share: a numpy transform of `value_dtype` arrays to `stored_dtype` and back, for zarr."""
 
     is_fixed_size = True
     codec_name: ClassVar[str]
     value_dtype: ClassVar[np.dtype]
+    stored_dtype: ClassVar[np.dtype] = np.dtype(np.uint16)  # what the `bytes` codec after it stores
 
     def encode_array(self, values: np.ndarray) -> np.ndarray:
-        """value_dtype [...] -> a new native uint16 array of the same shape."""
+        """value_dtype [...] -> a new native stored_dtype array of the same shape."""
         raise NotImplementedError
 
     def decode_array(self, stored: np.ndarray) -> np.ndarray:
-        """The inverse, in place: `stored` (native uint16, C-contiguous, writable) becomes a value_dtype view."""
+        """The inverse, in place: `stored` (native stored_dtype, C-contiguous, writable) becomes a value_dtype view."""
         raise NotImplementedError
 
     def validate(self, *, shape: tuple[int, ...], dtype: Any, chunk_grid: Any) -> None:
@@ -83,7 +86,7 @@ class ArrayTransform(ArrayArrayCodec):
                              f"not {dtype} {shape}")
 
     def resolve_metadata(self, chunk_spec: ArraySpec) -> ArraySpec:
-        return replace(chunk_spec, dtype=parse_dtype(np.dtype("uint16"), zarr_format=3))
+        return replace(chunk_spec, dtype=parse_dtype(self.stored_dtype, zarr_format=3))
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
         return input_byte_length
@@ -93,7 +96,7 @@ class ArrayTransform(ArrayArrayCodec):
         return chunk_spec.prototype.nd_buffer.from_numpy_array(encoded)
 
     async def _decode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> NDBuffer:
-        stored = np.array(chunk_array.as_numpy_array(), dtype=np.uint16, order="C")  # a native, writable copy
+        stored = np.array(chunk_array.as_numpy_array(), dtype=self.stored_dtype, order="C")  # a native, writable copy
         return chunk_spec.prototype.nd_buffer.from_numpy_array(self.decode_array(stored))
 
 
@@ -122,30 +125,42 @@ class SortedKeyDeltaCodec(ArrayTransform):
 
 @dataclass(frozen=True)
 class VocabRankCodec(ArrayTransform):
-    """uint16 token ids -> their ranks in `order` (the ids at ranks 0, 1, ..., as little-endian uint16 bytes)."""
+    """Token ids -> their ranks in `order` (the ids at ranks 0, 1, ..., as little-endian `dtype` bytes); `dtype` is
+    uint16, or uint32 for a vocabulary beyond 65,536 ids."""
 
     order: bytes
+    dtype: str = "uint16"
     codec_name = VOCAB_RANK
-    value_dtype = np.dtype(np.uint16)
 
     def __post_init__(self) -> None:
-        n = len(self.order) // 2
-        order = np.frombuffer(self.order[:2 * n], dtype="<u2")
-        if len(self.order) % 2 or not 1 <= n <= UINT16_VALUES or not np.array_equal(np.sort(order), np.arange(n)):
+        if self.dtype not in ID_DTYPES:
+            raise ValueError(f"{VOCAB_RANK}: dtype must be one of {ID_DTYPES}, got {self.dtype!r}")
+        size = self.value_dtype.itemsize
+        n = len(self.order) // size
+        order = np.frombuffer(self.order[:size * n], dtype=self.value_dtype.newbyteorder("<"))
+        if len(self.order) % size or not 1 <= n <= 2 ** (8 * size) or not np.array_equal(np.sort(order), np.arange(n)):
             raise ValueError(f"{VOCAB_RANK}: order must list each id 0..n-1 exactly once, as little-endian "
-                             f"uint16 (n <= {UINT16_VALUES}); got {len(self.order)} bytes that do not")
+                             f"{self.dtype} (n <= {2 ** (8 * size)}); got {len(self.order)} bytes that do not")
+
+    @property
+    def value_dtype(self) -> np.dtype:  # type: ignore[override]
+        return np.dtype(self.dtype)
+
+    @property
+    def stored_dtype(self) -> np.dtype:  # type: ignore[override]
+        return self.value_dtype
 
     @classmethod
-    def from_order(cls, order: np.ndarray) -> VocabRankCodec:
-        return cls(np.asarray(order).astype("<u2").tobytes())
+    def from_order(cls, order: np.ndarray, dtype: str = "uint16") -> VocabRankCodec:
+        return cls(np.asarray(order).astype(np.dtype(dtype).newbyteorder("<")).tobytes(), dtype)
 
     @classmethod
-    def from_base64(cls, text: str) -> VocabRankCodec:
+    def from_base64(cls, text: str, dtype: str = "uint16") -> VocabRankCodec:
         try:
             order = base64.b64decode(text, validate=True)
         except (binascii.Error, TypeError) as e:
             raise ValueError(f"{VOCAB_RANK}: order is not base64 ({e})") from None
-        return cls(order)
+        return cls(order, dtype)
 
     @property
     def order_base64(self) -> str:
@@ -155,34 +170,48 @@ class VocabRankCodec(ArrayTransform):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VocabRankCodec:
         conf = data.get("configuration", {})
-        if data.get("name") != VOCAB_RANK or set(conf) != {"order"} or not isinstance(conf["order"], str):
+        if data.get("name") != VOCAB_RANK or set(conf) - {"dtype"} != {"order"} or not isinstance(conf["order"], str):
             raise ValueError(f"not a {VOCAB_RANK} codec with a base64 'order': {str(data)[:200]}")
-        return cls.from_base64(conf["order"])
+        return cls.from_base64(conf["order"], conf.get("dtype", "uint16"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": VOCAB_RANK, "configuration": {"order": self.order_base64}}
+        dtype = {} if self.dtype == "uint16" else {"dtype": self.dtype}  # uint16 stores keep their metadata as it was
+        return {"name": VOCAB_RANK, "configuration": {"order": self.order_base64, **dtype}}
 
     @cached_property
     def _ids(self) -> np.ndarray:
-        """rank -> id over all of uint16: the order, then every value past it as itself."""
-        ids = np.arange(UINT16_VALUES, dtype=np.uint16)
-        order = np.frombuffer(self.order, dtype="<u2")
+        """rank -> id: the order, then (uint16 only) every value past it as itself, so the table covers uint16."""
+        order = np.frombuffer(self.order, dtype=self.value_dtype.newbyteorder("<"))
+        size = UINT16_VALUES if self.dtype == "uint16" else order.size
+        ids = np.arange(size, dtype=self.value_dtype)
         ids[:order.size] = order
         return ids
 
     @cached_property
     def _ranks(self) -> np.ndarray:
         """id -> rank, the inverse permutation."""
-        ranks = np.empty(UINT16_VALUES, dtype=np.uint16)
-        ranks[self._ids] = np.arange(UINT16_VALUES, dtype=np.uint16)
+        ranks = np.empty_like(self._ids)
+        ranks[self._ids] = np.arange(self._ids.size, dtype=self.value_dtype)
         return ranks
 
     def encode_array(self, values: np.ndarray) -> np.ndarray:
-        return self._ranks[np.asarray(values, dtype=np.uint16)]
+        values = np.asarray(values, dtype=self.value_dtype)
+        if self.dtype == "uint16":  # the table covers every uint16
+            return self._ranks[values]
+        return _lookup_inside(self._ranks, values)
 
     def decode_array(self, stored: np.ndarray) -> np.ndarray:
-        # mode="wrap" never wraps (a uint16 indexes 65536 entries) but, unlike "raise", needs no buffer.
-        return np.take(self._ids, stored, out=stored, mode="wrap")
+        if self.dtype == "uint16":
+            # mode="wrap" never wraps (a uint16 indexes 65536 entries) but, unlike "raise", needs no buffer.
+            return np.take(self._ids, stored, out=stored, mode="wrap")
+        stored[...] = _lookup_inside(self._ids, stored)
+        return stored
+
+
+def _lookup_inside(table: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """table[values] where a value indexes the table; any other value as it is (a new array)."""
+    inside = values < table.size
+    return np.where(inside, table[np.where(inside, values, 0)], values)
 
 
 ARRAY_TRANSFORMS: dict[str, type[ArrayTransform]] = {SORTED_KEY_DELTA: SortedKeyDeltaCodec,

@@ -152,6 +152,8 @@ def decode(tokenizer: Any, ids: Sequence[int] | np.ndarray) -> str:
 
 def token_text(tokenizer: Any, token_id: int) -> str:
     """One token as text; a token holding part of a UTF-8 character shows as its vocabulary entry instead."""
+    if tokenizer is not None and tokenizer.id_to_token(int(token_id)) is None:  # padding past the tokenizer's ids
+        return f"<unused #{int(token_id)}>"
     text = decode(tokenizer, [token_id])
     return tokenizer.id_to_token(int(token_id)) if "\ufffd" in text and tokenizer is not None else text
 

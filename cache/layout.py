@@ -51,7 +51,7 @@ class ShardLayout:
     """What one array's zarr.json says, restricted to the sharded layouts the direct reader decodes."""
 
     shape: tuple[int, ...]
-    dtype: np.dtype  # what the `bytes` codec stored, in its byte order (uint16 under a kdcache transform)
+    dtype: np.dtype  # what the `bytes` codec stored, in its byte order (the transform's stored_dtype under one)
     per_shard: int  # sequences per shard; the inner chunk is one sequence
     fill_value: np.ndarray  # an unwritten chunk's stored values (broadcast over a chunk)
     transform: ArrayTransform | None  # the kdcache array -> array codec that starts the inner chain, if any
@@ -107,7 +107,7 @@ def _parse_inner_codecs(codecs: list, dtype: np.dtype, where: str) -> tuple[Arra
         shown = [transform.codec_name] + names if transform else names
         raise StoreError(f"{where}: inner codecs {shown} not supported "
                          f"(optionally one of {sorted(ARRAY_TRANSFORMS)}, bytes, then optionally blosc, then crc32c)")
-    chunk_dtype = np.dtype(np.uint16) if transform else dtype
+    chunk_dtype = transform.stored_dtype if transform else dtype
     endian = serial[0][1].get("endian")
     if endian not in ("little", "big") and not (endian is None and chunk_dtype.itemsize == 1):
         raise StoreError(f"{where}: bytes codec endian {endian!r} not supported for {chunk_dtype}")

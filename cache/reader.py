@@ -93,7 +93,7 @@ class ShardedArrayReader:
             shard, chunk = divmod(i, self.per_shard)
             self._decode(self._shard(shard), chunk, out[row])
         if self.layout.transform:  # one vectorised inverse for the whole batch
-            return self.layout.transform.decode_array(out.astype(np.uint16, copy=False))
+            return self.layout.transform.decode_array(out.astype(self.layout.transform.stored_dtype, copy=False))
         return out.astype(self.dtype, copy=False)
 
     def _shard(self, shard: int) -> Shard:

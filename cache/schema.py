@@ -8,9 +8,9 @@ open and check stores through it.
       tokens/<split>                  [N, L] token ids
       teachers/<name>/                attrs: teacher identity, k, temperatures, layers, dtypes, modes
         <split>/topk_logits           [N, L, k] float16, sorted descending (temperature 1; kdcache.sorted_key_delta)
-        <split>/topk_ids              [N, L, k] uint16 (kdcache.vocab_rank) | int32
+        <split>/topk_ids              [N, L, k] uint16 | uint32 (kdcache.vocab_rank)
         <split>/lse                   [N, L, n_temperatures] float32: logsumexp(logits / T)
-        <split>/sample_ids            [N, L, S] uint16 | int32   (random-sampling KD, optional)
+        <split>/sample_ids            [N, L, S] uint16 | uint32  (random-sampling KD, optional)
         <split>/sample_counts         [N, L, S] uint16            (0 = padding)
         <split>/hidden_<l>            [N, L, H] float16 | int8    (optional, per cached layer)
         <split>/hidden_<l>_scale      [N, L] float16              (int8 only: value = q * scale)
@@ -62,7 +62,7 @@ class ArraySpec:
     # activations (whose byte shuffle is a no-op); byte shuffle for the sampled ids and counts.
     shuffle: str = "shuffle"
     # The kdcache array -> array codec it is stored through (cache.codecs): SORTED_KEY_DELTA for rows sorted
-    # descending, VOCAB_RANK for uint16 token ids (in the order of the split's `vocab_order` attribute).
+    # descending, VOCAB_RANK for token ids (in the order of the split's `vocab_order` attribute).
     transform: str | None = None
 
 
@@ -77,7 +77,8 @@ class CodecSettings:
 
 
 def ids_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 65536 else "int32"
+    """Token ids' dtype: uint16 while the ids fit it, else uint32 (large-vocabulary stores written before hold int32)."""
+    return "uint16" if vocab_size <= 65536 else "uint32"
 
 
 def vocab_order(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -88,7 +89,7 @@ def vocab_order(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
 
 def vocab_order_attr(tokens: np.ndarray, vocab_size: int) -> str:
     """`vocab_order` as a token split's attribute (and the codec's configuration) holds it: base64."""
-    return VocabRankCodec.from_order(vocab_order(tokens, vocab_size)).order_base64
+    return VocabRankCodec.from_order(vocab_order(tokens, vocab_size), ids_dtype(vocab_size)).order_base64
 
 
 def array_transform(spec: ArraySpec, order_base64: str | None) -> list[ArrayTransform]:
@@ -98,7 +99,7 @@ def array_transform(spec: ArraySpec, order_base64: str | None) -> list[ArrayTran
     if spec.transform == VOCAB_RANK:
         if order_base64 is None:
             raise ValueError(f"{VOCAB_RANK} needs a vocabulary order")
-        return [VocabRankCodec.from_base64(order_base64)]
+        return [VocabRankCodec.from_base64(order_base64, spec.dtype)]
     return []
 
 
@@ -201,9 +202,8 @@ def create_sharded_array(
 
 def write_tokens(root: zarr.Group, split: str, tokens: np.ndarray, per_shard: int, codec: CodecSettings, vocab_size: int) -> None:
     tokens = tokens.astype(ids_dtype(vocab_size))
-    attrs = {"digest": token_digest(tokens), "per_shard": per_shard}
-    if tokens.dtype == np.uint16:  # what the teachers' VOCAB_RANK arrays take as their order
-        attrs["vocab_order"] = vocab_order_attr(tokens, vocab_size)
+    # vocab_order: what the teachers' VOCAB_RANK arrays take as their order
+    attrs = {"digest": token_digest(tokens), "per_shard": per_shard, "vocab_order": vocab_order_attr(tokens, vocab_size)}
     group = root.require_group(TOKENS)
     arr = create_sharded_array(
         group, split, tokens.shape[0], tokens.shape[1], ArraySpec((), tokens.dtype.name, compress=False), per_shard, codec,
@@ -236,7 +236,7 @@ def teacher_array_specs(
         "topk_logits": ArraySpec((k,), "float16", shuffle="bitshuffle", transform=SORTED_KEY_DELTA),
         # Ranks in the split's frequency order: 84 -> 72 B per top-64 row (docs/benchmarks.md, item 2). The
         # sampled ids are not ranked: their byte-shuffled ids gained nothing from it.
-        "topk_ids": ArraySpec((k,), ids, shuffle="bitshuffle", transform=VOCAB_RANK if ids == "uint16" else None),
+        "topk_ids": ArraySpec((k,), ids, shuffle="bitshuffle", transform=VOCAB_RANK),
         "lse": ArraySpec((n_temperatures,), "float32", shuffle="bitshuffle"),
     }
     if samples:

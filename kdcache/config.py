@@ -45,8 +45,17 @@ class CorpusConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = 16000
+    # A pretrained tokenizer (local HF directory or hub id) replaces the trained BPE; min_frequency is then unused.
+    pretrained: str | None = None
+    # The student's vocabulary. Trained BPE: its size (default 16000). Pretrained: default (null) the model
+    # config.json's vocab_size beside the tokenizer (embeddings padded past its ids, as GPT-2 and Qwen do), else
+    # the tokenizer's ids; given, it must cover the tokenizer's ids.
+    vocab_size: int | None = None
     min_frequency: int = 2
+
+    def __post_init__(self) -> None:
+        if self.vocab_size is None and self.pretrained is None:
+            self.vocab_size = 16000
 
 
 @dataclass

@@ -55,7 +55,8 @@ def _teacher_problems(cfg: Config) -> list[str]:
 def validate(cfg: Config) -> None:
     """Raise a ConfigError naming the file and the first rule `cfg` breaks."""
     checks = [
-        (cfg.cache.k <= cfg.tokenizer.vocab_size, "cache.k must be <= tokenizer.vocab_size"),
+        (cfg.tokenizer.vocab_size is None or cfg.cache.k <= cfg.tokenizer.vocab_size,
+         "cache.k must be <= tokenizer.vocab_size"),
         (1.0 in cfg.cache.temperatures, "cache.temperatures must include 1.0"),
         (cfg.distill.temperature in cfg.cache.temperatures,
          f"distill.temperature {cfg.distill.temperature} must be one of cache.temperatures"),

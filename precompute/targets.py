@@ -2,7 +2,10 @@
 
 All of it runs on the teacher's device, one batch of token ids at a time: the teacher forward (bfloat16
 autocast on CUDA, float32 on CPU), then every group's arrays for that batch (`batch_targets`), in the dtypes the
-store keeps (cache.schema.teacher_array_specs).
+store keeps (cache.schema.teacher_array_specs). A large vocabulary splits the batch into passes of at most
+PASS_LOGITS logits (sequences x positions x vocabulary), so the logits and their float32 copies (sampling's
+probabilities, the ensemble's sum) stay a few GiB whatever V: at seq_len 128, 64 sequences a pass up to 16,384
+ids, 6 at 151,936, 4 at 262,144.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from kdcache.cache.schema import ENSEMBLE, canonical_json
 from kdcache.config import CacheConfig
 from kdcache.errors import KdcacheError
 from kdcache.precompute.teachers import Teacher
+
+PASS_LOGITS = 2**27  # logits per teacher forward: 512 MiB in float32
 
 
 def logsumexps(logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
@@ -143,8 +148,22 @@ def check_finite(group: str, arrays: dict[str, torch.Tensor], split: str, first:
 def batch_targets(teachers: list[Teacher], ids: torch.Tensor, cache: CacheConfig,
                   generators: dict[str, torch.Generator], ensemble: bool,
                   where: tuple[str, int]) -> dict[str, dict[str, torch.Tensor]]:
-    """Every group's arrays for one batch of token ids [B, L]; `where` is (split, index of the batch's first
-    sequence), for `check_finite`'s message."""
+    """Every group's arrays for one batch of token ids [B, L], in passes of at most PASS_LOGITS logits; `where` is
+    (split, index of the batch's first sequence), for `check_finite`'s message."""
+    vocab = teachers[0].model.config.vocab_size  # every teacher's: checked against the store's
+    step = max(1, PASS_LOGITS // (ids.shape[1] * vocab))
+    parts = [_pass_targets(teachers, ids[lo:lo + step], cache, generators, ensemble, (where[0], where[1] + lo))
+             for lo in range(0, len(ids), step)]
+    if len(parts) == 1:
+        return parts[0]
+    return {group: {name: torch.cat([part[group][name] for part in parts]) for name in arrays}
+            for group, arrays in parts[0].items()}
+
+
+def _pass_targets(teachers: list[Teacher], ids: torch.Tensor, cache: CacheConfig,
+                  generators: dict[str, torch.Generator], ensemble: bool,
+                  where: tuple[str, int]) -> dict[str, dict[str, torch.Tensor]]:
+    """`batch_targets` of one pass: one forward per teacher."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     total = None
     for teacher in teachers:

@@ -2,7 +2,7 @@
 
 A teacher's identity (source, architecture, config, weights' sha256) goes into its group's attributes, so a
 group computed by another teacher is never extended. A teacher whose tokenizer or vocabulary differs from the
-store's is refused before anything is computed.
+store's is refused before its weights load.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from kdcache.cache.schema import StoreError, sha256_file
@@ -60,23 +60,33 @@ def weights_sha256(source: str, config: PretrainedConfig) -> str:
     return hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode()).hexdigest()
 
 
-def check_tokenizer(name: str, source: str, store: str, store_sha: str) -> None:
-    """Refuse a teacher whose tokenizer.json differs from the one the store's tokens were made with."""
+def check_tokenizer(name: str, source: str, store: str, store_attrs: dict[str, Any]) -> None:
+    """Refuse a teacher whose tokenizer.json differs from the one the store's tokens were made with (the one check
+    that ties a teacher to the store's tokens)."""
     path = cached_file(source, "tokenizer.json", _raise_exceptions_for_missing_entries=False)
+    store_sha = store_attrs["tokenizer_sha256"]
     if path is not None and (sha := sha256_file(path)) != store_sha:
-        raise StoreError(f"teacher {name!r} ({source}) uses another tokenizer than the store {store}: "
-                         f"tokenizer.json sha256 {sha} != store tokenizer_sha256 {store_sha}")
+        store_tokenizer = store_attrs.get("tokenizer_source", "the BPE `kdcache data` trained")
+        raise StoreError(f"teacher {name!r} ({source}) uses another tokenizer than the store {store}: its "
+                         f"tokenizer.json sha256 {sha}, the store's tokens were made by {store_tokenizer} "
+                         f"(tokenizer_sha256 {store_sha})")
+
+
+def check_teacher_vocab(name: str, source: str, store: str, store_attrs: dict[str, Any]) -> None:
+    """Refuse a teacher whose vocabulary is not the store's, from its config.json alone (before any weight loads)."""
+    config = AutoConfig.from_pretrained(source)
+    if config.vocab_size != store_attrs["vocab_size"]:
+        raise StoreError(f"teacher {name!r} ({source}) has vocab_size {config.vocab_size}, the store {store} has "
+                         f"vocab_size {store_attrs['vocab_size']} (the run's tokenizer's ids and any padding)")
 
 
 def load_teacher(cfg: Config, name: str, source: str, store: str, store_attrs: dict[str, Any],
                  device: torch.device) -> Teacher:
     """The teacher's model on `device` in eval mode, once its tokenizer, vocabulary and hidden layers fit."""
-    check_tokenizer(name, source, store, store_attrs["tokenizer_sha256"])
+    check_tokenizer(name, source, store, store_attrs)
+    check_teacher_vocab(name, source, store, store_attrs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     config = model.config
-    if config.vocab_size != store_attrs["vocab_size"]:
-        raise StoreError(f"teacher {name!r} ({source}) has vocab_size {config.vocab_size}, "
-                         f"the store {store} has vocab_size {store_attrs['vocab_size']}")
     layers = sorted(cfg.cache.hidden_layers.get(name, []))
     bad = [layer for layer in layers if not 0 <= layer <= config.num_hidden_layers]
     if bad:

@@ -1,22 +1,30 @@
-"""The BabyLlama tokenizer: byte-level BPE trained on the cleaned train split, saved as a Hugging Face directory.
+"""The run's tokenizer as a Hugging Face directory: the BabyLlama BPE trained on the train split, or a pretrained one.
 
-NFKC normaliser, ByteLevel pre-tokenizer with add_prefix_space (so a line's first word is tokenised
+Trained: NFKC normaliser, ByteLevel pre-tokenizer with add_prefix_space (so a line's first word is tokenised
 like any other word), specials `<pad>`, `<s>`, `</s>` = ids 0, 1, 2, no unknown token (bytes cover
 everything). The directory also carries vocab.json + merges.txt for loaders of the slow GPT-2 tokenizer.
+Pretrained (`tokenizer.pretrained`: a directory or hub id, loaded the way transformers loads any): its files
+are copied byte for byte, so its tokenizer.json sha256 is the one its model's directory has.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import cached_file
 
 from kdcache.files import staged
 from kdcache.errors import KdcacheError
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}  # ids 0, 1, 2 in this order
+# A pretrained tokenizer's files that the run keeps (the fast tokenizer's, its configuration, and those of the
+# slow tokenizer for the loaders that want it); tokenizer.json is required.
+PRETRAINED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tokenizer.model")
 
 
 class TokenizerError(KdcacheError):
@@ -75,3 +83,49 @@ def load_tokenizer(tokenizer_dir: str | Path) -> PreTrainedTokenizerFast:
     if not (path / "tokenizer.json").is_file():
         raise TokenizerError(f"{path}: no tokenizer.json here (run `kdcache data` first)")
     return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def _hub_file(source: str, name: str) -> str | None:
+    """`name` of a directory or hub id, as transformers resolves it (None: not there)."""
+    try:
+        return cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError) as e:  # no such directory, hub id unreachable or malformed
+        raise TokenizerError(f"{source}: cannot load tokenizer.pretrained ({str(e).splitlines()[0]})") from None
+
+
+def load_pretrained(source: str) -> PreTrainedTokenizerFast:
+    """A pretrained tokenizer, through transformers' AutoTokenizer (a directory or a hub id alike); fast only."""
+    if _hub_file(source, "tokenizer.json") is None:
+        raise TokenizerError(f"{source}: no tokenizer.json (kdcache needs a fast tokenizer; a slow-only one can be "
+                             "converted with transformers' AutoTokenizer(...).save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{source}: cannot load tokenizer.pretrained ({str(e).splitlines()[0]})") from None
+    if not tokenizer.is_fast:
+        raise TokenizerError(f"{source}: AutoTokenizer loads a slow tokenizer; kdcache needs a fast one")
+    return tokenizer
+
+
+def copy_pretrained(source: str, out_dir: Path) -> None:
+    """The pretrained tokenizer's files copied to `out_dir` byte for byte (replaced only once complete)."""
+    with staged(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        for name in PRETRAINED_FILES:
+            if (path := _hub_file(source, name)) is not None:
+                shutil.copyfile(path, tmp / name)
+
+
+def token_id_count(tokenizer: PreTrainedTokenizerFast) -> int:
+    """1 + the largest id the tokenizer can emit (added tokens included)."""
+    return 1 + max(tokenizer.get_vocab().values())
+
+
+def model_vocab_size(source: str) -> int | None:
+    """The vocab_size of the model config.json beside a pretrained tokenizer, if there is one: the embedding size,
+    which GPT-2 and Qwen pad beyond the tokenizer's ids."""
+    path = _hub_file(source, "config.json")
+    if path is None:
+        return None
+    value = json.loads(Path(path).read_text(encoding="utf-8")).get("vocab_size")
+    return value if isinstance(value, int) else None

@@ -64,7 +64,8 @@ def check_run_matches_store(cfg: Config, paths: RunPaths, attrs: dict, tokenizer
     """Refuse a config that no longer describes the store (edited after `kdcache data`), before any student is built."""
     problems = [f"{key} is {mine!r}, the store's is {attrs.get(name)!r}"
                 for key, name, mine in (("tokenizer.vocab_size", "vocab_size", cfg.tokenizer.vocab_size),
-                                        ("data.seq_len", "seq_len", cfg.data.seq_len)) if attrs.get(name) != mine]
+                                        ("data.seq_len", "seq_len", cfg.data.seq_len))
+                if mine is not None and attrs.get(name) != mine]  # vocab_size None: a pretrained tokenizer's own
     if attrs.get("tokenizer_sha256") != tokenizer_sha:
         problems.append(f"{paths.tokenizer} is not the tokenizer the store's tokens were made with "
                         "(tokenizer_sha256 differs)")

@@ -98,9 +98,11 @@ def read_pair_dir(directory: str | Path, limit: int = 0) -> dict[str, list[Pair]
 
 
 def encode_sentences(tokenizer: PreTrainedTokenizerBase, sentences: list[str]) -> list[list[int]]:
-    """[bos] + the tokens of " " + sentence ("\\n" inside a sentence stays text: byte-level BPE encodes it)."""
+    """[bos] (eos where the tokenizer has no bos) + the tokens of " " + sentence ("\\n" inside a sentence stays text:
+    byte-level BPE encodes it)."""
     encoded = tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]
-    return [[tokenizer.bos_token_id, *ids] for ids in encoded]
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [[prefix, *ids] for ids in encoded]
 
 
 @torch.no_grad()
@@ -147,7 +149,8 @@ def minimal_pair_accuracy(
     sequences = encode_sentences(tokenizer, sentences)
     check_lengths(Path(directory), paradigms, sequences, model.config.max_position_embeddings)
     started = time.perf_counter()
-    scores = iter(score_sequences(model, sequences, batch_size, tokenizer.pad_token_id))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padding is masked: any id serves
+    scores = iter(score_sequences(model, sequences, batch_size, pad_id))
     seconds = time.perf_counter() - started
     accuracy = {}
     for name, pairs in paradigms.items():

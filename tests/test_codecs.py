@@ -154,3 +154,18 @@ def test_teacher_ids_are_not_ranked_without_the_splits_vocab_order(tmp_path):
     with pytest.raises(StoreError, match="tokens/train has no vocab_order attribute"):
         create_teacher_split(root, "u", "train", specs, {}, per_shard=2, codec=CodecSettings())
     assert "u" not in root["teachers"]  # refused before anything was created
+
+
+def test_vocab_rank_of_a_vocabulary_beyond_uint16_is_uint32():
+    order = np.random.default_rng(8).permutation(150_000)
+    codec = VocabRankCodec.from_order(order, "uint32")
+    assert codec.to_dict()["configuration"]["dtype"] == "uint32"
+    assert "dtype" not in RANKED.to_dict()["configuration"]  # uint16 metadata as it always was
+    assert VocabRankCodec.from_dict(codec.to_dict()) == codec
+    values = np.array([order[0], order[149_999], 70_000, 150_000, 2**32 - 1], dtype=np.uint32)
+    ranks = codec.encode_array(values)
+    assert ranks.dtype == np.uint32 and ranks[:2].tolist() == [0, 149_999]
+    assert ranks[3:].tolist() == [150_000, 2**32 - 1]  # values past the order stay as they are
+    assert np.array_equal(codec.decode_array(ranks.copy()), values)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        VocabRankCodec.from_order(order[:10], "int32")

@@ -1,7 +1,10 @@
 """The chunked distillation engine: the CE and every teacher's KL term, with their analytic gradient, chunk by chunk.
 
 `distillation_loss` walks the [N, V] logits in chunks of positions and computes each chunk's loss value and
-analytic gradient at once, so no [N, V] float32 tensor outlives a chunk. Each teacher's form (kd.form) supplies
+analytic gradient at once, so no [N, V] float32 tensor outlives a chunk: besides the logits, the one [N, V]
+tensor is their gradient (in their dtype; the backward of any loss needs it), and a chunk holds at most
+CHUNK_ELEMENTS positions x vocabulary (fewer positions the larger the vocabulary: 4096 up to 16,384 ids, 441 at
+151,936, 256 at 262,144), so its float32 buffers stay under 1 GiB whatever V. Each teacher's form (kd.form) supplies
 its targets; the forms' `kl` methods are the plain-autograd definitions of the same terms.
 """
 
@@ -15,6 +18,14 @@ from torch import Tensor
 
 from kdcache.errors import KdcacheError
 from kdcache.student.kd.form import TINY, KDForm, plogp
+
+MAX_CHUNK_POSITIONS = 4096
+CHUNK_ELEMENTS = 2**26  # positions x vocabulary per chunk: 256 MiB per float32 buffer, three at most
+
+
+def default_chunk_positions(vocab_size: int) -> int:
+    """Positions per chunk: MAX_CHUNK_POSITIONS, fewer where the vocabulary would make a chunk's buffers large."""
+    return max(1, min(MAX_CHUNK_POSITIONS, CHUNK_ELEMENTS // vocab_size))
 
 
 @dataclass
@@ -176,14 +187,16 @@ def distillation_loss(
     teachers: list[TeacherTargets],
     hard_weight: float,
     temperature: float,
-    chunk_positions: int = 4096,
+    chunk_positions: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """hard_weight · next_token_ce + sum_t weight_t · mean over all B·L positions of the teacher's KL term.
 
     logits [B, L, V] (bf16 under autocast, or float32); teacher arrays [B, L, ...]. Each term equals its autograd
     definition (`student.lm.next_token_ce`, each form's `kl`); the gradient is computed analytically chunk by
-    chunk. Returns the total and detached per-term values: "hard_ce", "kl/<name>".
+    chunk (`chunk_positions` per chunk; default: `default_chunk_positions` of V). Returns the total and detached
+    per-term values: "hard_ce", "kl/<name>".
     """
+    chunk_positions = chunk_positions or default_chunk_positions(logits.shape[-1])
     total, means = _ChunkedDistillation.apply(logits, input_ids, hard_weight, teachers, temperature, chunk_positions)
     names = ["hard_ce"] + [f"kl/{t.name}" for t in teachers]
     return total, dict(zip(names, means.detach().unbind()))

@@ -14,10 +14,11 @@ class KDLoss(nn.Module):
 
     forward(logits [B, L, V], batch) -> (total, {"hard_ce", "kl/<group>": detached means}); the batch is a
     `DistillDataset` batch of the same plan, on the logits' device. The gradient is computed analytically chunk
-    by chunk of `chunk_positions` positions (kd.engine), so no [B·L, V] float32 tensor outlives a chunk.
+    by chunk of `chunk_positions` positions (default: fewer the larger V; kd.engine), so no [B·L, V] float32 tensor
+    outlives a chunk.
     """
 
-    def __init__(self, plan: KDPlan, chunk_positions: int = 4096) -> None:
+    def __init__(self, plan: KDPlan, chunk_positions: int | None = None) -> None:
         super().__init__()
         self.plan = plan
         self.form = kd_form(plan.form)

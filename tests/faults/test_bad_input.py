@@ -1,5 +1,6 @@
-"""Bad input: config keys, types and ranges, corpus files, `show` positions and teachers, and a teacher whose
-logits are NaN or beyond float16. Each is one clear line (exit 2) naming the file, key or sequence."""
+"""Bad input: config keys, types and ranges, corpus files, `show` positions and teachers, a teacher whose logits
+are NaN or beyond float16, a pretrained tokenizer or teacher that does not fit. Each is one clear line (exit 2)
+naming the file, key or sequence."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from tokenizers import Tokenizer
 import kdcache.precompute.targets as targets
 from kdcache.cache.schema import completed_shards, open_store, read_tokens
 from faultlib import Run, invoke
+from helpers_pretrained import SEED, SENTENCES, demo_words, hub_config, save_random_llama, save_word_tokenizer
 from test_mismatch import edit_config, user_error
+from test_precompute import tree
 
 
 @pytest.fixture
@@ -198,3 +201,77 @@ def test_nan_or_float16_overflow_in_a_teacher_is_refused_and_never_stored(fresh_
     assert problems and not [p for p in problems if "NaN" in p], problems  # incomplete, but nothing non-finite stored
     assert invoke("precompute", *fresh_run.args()).exit_code == 0  # the teacher mended, a rerun completes the store
     assert invoke("verify", store).output.strip().endswith(": ok")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A pretrained tokenizer or teacher that does not fit (helpers_pretrained): one line each (exit 2) before any model
+# runs; the run's store and tokenizer left as they were.
+
+SMALL_IDS = 2_000
+
+
+@pytest.fixture
+def small_hub(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """A 2,000-id tokenizer + model directory (HUB_TEACHER) and the hub config of a fresh runs root."""
+    tokenizer = save_word_tokenizer(tmp_path / "tok", demo_words(SEED, SENTENCES), SMALL_IDS, first_word=1_000)
+    model_dir = save_random_llama(tmp_path / "model", tokenizer, vocab_size=SMALL_IDS)
+    monkeypatch.setenv("HUB_TEACHER", str(model_dir))
+    return model_dir, hub_config(tmp_path)
+
+
+def refused(config: Path, step: str, *needles: str) -> str:
+    """`kdcache <step>` on the config exits 2 with one line holding the needles."""
+    runs = config.parent / "runs"
+    return user_error(invoke(step, "--config", str(config), "--runs-root", str(runs), *(
+        ("--device", "cpu") if step == "precompute" else ())), *needles)
+
+
+def test_a_tokenizer_without_tokenizer_json_is_refused(small_hub, tmp_path):
+    model_dir, config = small_hub
+    slow_only = tmp_path / "slow"
+    slow_only.mkdir()
+    (slow_only / "tokenizer_config.json").write_bytes((model_dir / "tokenizer_config.json").read_bytes())
+    (slow_only / "vocab.json").write_text('{"a": 0}')  # a slow-only tokenizer: its files, no tokenizer.json
+    edit_config(Run(config, tmp_path / "runs"), {"tokenizer.pretrained": str(slow_only)})
+    refused(config, "data", f"{slow_only}: no tokenizer.json", "fast tokenizer")
+    edit_config(Run(config, tmp_path / "runs"), {"tokenizer.pretrained": str(tmp_path / "missing")})
+    refused(config, "data", f"{tmp_path / 'missing'}: cannot load tokenizer.pretrained")
+    assert not (tmp_path / "runs" / "hub_teacher" / "cache.zarr").exists()
+
+
+def test_a_vocab_size_that_disagrees_with_the_tokenizer_leaves_the_store_unchanged(small_hub, tmp_path):
+    _, config = small_hub
+    run = Run(config, tmp_path / "runs")
+    assert invoke("data", *run.args()).exit_code == 0
+    before = tree(run.store), tree(run.store.parent / "tokenizer")
+    edit_config(run, {"tokenizer.vocab_size": SMALL_IDS - 1})
+    refused(config, "data", "tokenizer.vocab_size 1999 is smaller than the ids of the tokenizer", "(0..1999)")
+    edit_config(run, {"tokenizer.vocab_size": SMALL_IDS + 64})
+    refused(config, "data", f"tokenizer.vocab_size {SMALL_IDS + 64} disagrees with", f"config.json vocab_size {SMALL_IDS}")
+    assert (tree(run.store), tree(run.store.parent / "tokenizer")) == before
+
+
+def test_a_corpus_the_tokenizer_does_not_know_is_refused(small_hub, tmp_path, monkeypatch):
+    tokenizer = save_word_tokenizer(tmp_path / "few", demo_words(SEED, SENTENCES)[:20], SMALL_IDS, first_word=1_000)
+    monkeypatch.setenv("HUB_TEACHER", str(save_random_llama(tmp_path / "few_model", tokenizer, SMALL_IDS)))
+    refused(small_hub[1], "data", "of the corpus tokens", "to its unknown token '<unk>' (at most 1%)")
+    assert not (tmp_path / "runs" / "hub_teacher" / "tokenizer").exists()
+
+
+def test_a_teacher_of_smaller_vocabulary_or_other_tokenizer_is_refused_before_its_weights_load(small_hub, tmp_path):
+    model_dir, config = small_hub
+    run = Run(config, tmp_path / "runs")
+    assert invoke("data", *run.args()).exit_code == 0
+    narrow = tmp_path / "narrow"  # a config and tokenizer without weights: refused before any would be read
+    narrow.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (narrow / name).write_bytes((model_dir / name).read_bytes())
+    config_json = json.loads((model_dir / "config.json").read_text())
+    (narrow / "config.json").write_text(json.dumps({**config_json, "vocab_size": SMALL_IDS - 500}))
+    edit_config(run, {"teachers.0.pretrained": str(narrow)})
+    refused(config, "precompute", f"({narrow}) has vocab_size 1500", f"has vocab_size {SMALL_IDS}")
+    other = save_word_tokenizer(tmp_path / "other", ["a", "b"], SMALL_IDS, first_word=1_000)
+    other_model = save_random_llama(tmp_path / "other_model", other, SMALL_IDS)
+    edit_config(run, {"teachers.0.pretrained": str(other_model)})
+    refused(config, "precompute", f"({other_model}) uses another tokenizer", f"made by {model_dir}")
+    assert "teachers" not in open_store(str(run.store))
