@@ -85,6 +85,30 @@ def lock_store(store: str | os.PathLike, command: str) -> StoreLock:
     return StoreLock(path, fd)
 
 
+def live_writer(store: str | os.PathLike) -> str | None:
+    """Who else holds the write lock of a local store now (`describe`d), or None; the lock is not taken."""
+    path = lock_path(store)
+    try:
+        fd = os.open(path, os.O_RDONLY) if path is not None else None
+    except OSError:
+        return None
+    if fd is None:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted: no writer holds the exclusive lock
+            held = False
+        except OSError as e:
+            held = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        holder = _read(fd)
+    finally:
+        os.close(fd)  # drops our shared lock, if we got it
+    here = socket.gethostname()
+    if holder and holder.get("host") == here and holder.get("pid") == os.getpid():
+        return None  # this process's own lock (`kdcache seal` verifies under it)
+    return describe(holder or {}) if held or (holder and holder.get("host") != here) else None
+
+
 def sweep(store: str | os.PathLike) -> list[Path]:
     """Remove the temporary files of interrupted atomic writes in and beside a local store; returns them."""
     directory = local_path(store)

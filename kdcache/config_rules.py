@@ -72,6 +72,8 @@ def validate(cfg: Config) -> None:
         (len(set(cfg.study.seeds)) == len(cfg.study.seeds), "study.seeds must be distinct"),
         (bool(cfg.study.seeds) or not cfg.study.variants, "study.seeds must list at least one seed"),
         (0 <= cfg.cache.codec.clevel <= 9, f"cache.codec.clevel must be in 0..9, got {cfg.cache.codec.clevel}"),
+        ("@" not in cfg.cache.store.partition("://")[2].partition("/")[0],
+         "cache.store holds credentials: set them in the environment (AWS_ACCESS_KEY_ID, ...), not in the config"),
     ]
     for key, m in [("student", cfg.student), *((f"teachers[{i}].model", t.model) for i, t in enumerate(cfg.teachers))]:
         checks += [(m.max_position >= cfg.data.seq_len, f"{key}.max_position must be >= data.seq_len"),
