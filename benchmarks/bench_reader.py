@@ -138,12 +138,18 @@ def run(store: str, teachers: list[str], workdir: Path, data: str) -> Section:
     return section
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def standalone(bench: Callable[..., Section], *extra: object) -> None:
+    """`bench(store, teachers, workdir, *extra)` on a store precomputed for --profile (random-init teachers on
+    synthetic tokens), printed as markdown: a benchmark section run alone."""
+    parser = argparse.ArgumentParser(description=bench.__module__)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     profile = PROFILES[parser.parse_args().profile]
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         cfg, store = precompute_store(profile, Path(tmp))
         precompute_targets(cfg, device=profile.device, store=store)
         names = [t.name for t in cfg.teachers]
-        print(run_section(run, store, names, Path(tmp), "random-init teachers on synthetic tokens").markdown())
+        print(run_section(bench, store, names, Path(tmp), *extra).markdown())
+
+
+if __name__ == "__main__":
+    standalone(run, "random-init teachers on synthetic tokens")

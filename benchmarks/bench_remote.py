@@ -10,23 +10,17 @@ as it is and with 20 ms added to every request (a WSGI middleware in the server 
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from bench_precompute import precompute_store
-from bench_reader import ARRAYS, BATCH, throughput
-from benchlib import PROFILES, SPLIT, Section, Table, run_section
+from bench_reader import ARRAYS, BATCH, standalone, throughput
+from benchlib import SPLIT, Section, Table
 from kdcache.cache.manifest import is_unsealed, seal_store
 from kdcache.cache.schema import TOKENS, open_store
 from kdcache.cache.storage import StoreFiles
-from kdcache.precompute.run import precompute_targets
 from kdcache.student.kd import DistillDataset, KDPlan
 
 LATENCY_S = 0.020
@@ -128,11 +122,4 @@ def run(store: str, teachers: list[str], workdir: Path) -> Section:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    profile = PROFILES[parser.parse_args().profile]
-    with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
-        cfg, store = precompute_store(profile, Path(tmp))
-        precompute_targets(cfg, device=profile.device, store=store)
-        names = [t.name for t in cfg.teachers]
-        print(run_section(run, store, names, Path(tmp)).markdown())
+    standalone(run)

@@ -1,4 +1,4 @@
-"""The store's manifest: a digest of every file of a local store, written when a writer finishes, checked on read.
+"""The store's manifest: a digest of every file of a store, written when a writer finishes, checked on read.
 
 Chunk data and shard indexes carry crc32c checksums, but nothing else does: a flipped byte in a `zarr.json`
 can leave valid JSON that zarr accepts (a digit of an attribute), a `complete` record has no checksum, and a
@@ -9,7 +9,9 @@ A shard file of a checksummed layout is listed by its fingerprint, the sha256 of
 followed by the crc32c ending each inner chunk: that pins its content without reading it. `kdcache verify`
 compares every file with the manifest (`manifest_problems`); the reader checks the metadata documents and
 completion records it depends on before it reads (`check_documents`) and every shard once when it maps it
-(`shard_fingerprint`). A store without a manifest (written by an older kdcache) is read and verified as before.
+(`shard_fingerprint`). A store of this format without one is unsealed (`seal_problems`): verify reports it and
+distill refuses it, so deleting the manifest cannot switch these checks off. Local and remote stores alike
+(`kdcache.cache.storage`).
 Spec: docs/cache-format.md, "The manifest".
 """
 

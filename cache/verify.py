@@ -1,4 +1,4 @@
-"""`verify_store`: decode every chunk of a local store and check it against the schema; one line per problem.
+"""`verify_store`: decode every chunk of a store (local or remote) against the schema; one line per problem.
 
 Checked: every shard file of every complete shard is present with a valid index checksum and every inner chunk
 decodes to the right size (chunk bytes carry a checksum only when the inner codec chain ends in crc32c; without
