@@ -63,18 +63,23 @@ class StoreFiles:
         return {rel: found.get(self._url(rel)) for rel in rels}
 
     def exists(self, rel: str) -> bool:
-        return (self.directory / rel).is_file() if self.local else self.fs.isfile(self._url(rel))
+        return (self.directory / rel).is_file() if self.local else self._fresh().isfile(self._url(rel))
+
+    def _fresh(self):
+        """The remote filesystem without its cached listings: other processes (or zarr) change the store."""
+        self.fs.invalidate_cache()  # all of it: a listing below the root may be cached too
+        return self.fs
 
     def has_folder(self, rel: str) -> bool:
         """Whether anything lies below `rel` (a directory, or an object key prefix)."""
-        return (self.directory / rel).is_dir() if self.local else self.fs.isdir(self._url(rel))
+        return (self.directory / rel).is_dir() if self.local else self._fresh().isdir(self._url(rel))
 
     def files(self) -> dict[str, int]:
         """Every file below the store: relative path -> size in bytes."""
         if self.local:
             return {path.relative_to(self.directory).as_posix(): path.stat().st_size
                     for path in _walk(self.directory)}
-        if not self.fs.isdir(self.root):
+        if not self._fresh().isdir(self.root):
             return {}
         found = self.fs.find(self.root, detail=True)
         prefix = f"{self.root}/"
@@ -92,8 +97,19 @@ class StoreFiles:
     def remove(self, rel: str) -> None:
         if self.local:
             (self.directory / rel).unlink(missing_ok=True)
-        elif self.fs.isfile(self._url(rel)):
+        elif self._fresh().isfile(self._url(rel)):
             self.fs.rm_file(self._url(rel))
+
+    def publish(self, source: Path, manifest: str) -> None:
+        """Replace this remote store by the local store `source`: the old manifest goes first (the store reads as
+        unsealed from then on), then every old object, then each file as one object, `manifest` last of all."""
+        self.remove(manifest)
+        old = [self._url(rel) for rel in self.files()]
+        if old:
+            self.fs.rm(old)
+        files = sorted(path.relative_to(source).as_posix() for path in _walk(source))
+        for rel in [rel for rel in files if rel != manifest] + [manifest]:
+            self.fs.put_file(str(source / rel), self._url(rel))
 
     def shard(self, rel: str, digest: str | None = None, fingerprint: Fingerprint | None = None,
               fetch: bool = False) -> np.ndarray:

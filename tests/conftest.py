@@ -27,27 +27,31 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def s3() -> str:
-    """A local S3 server (moto's server mode) on a free loopback port for the session: the bucket's URL. The
-    endpoint and credentials reach s3fs through the standard environment, as a user's would."""
-    from moto.server import ThreadedMotoServer
-
+def s3_server():
+    """A local S3 server (moto's S3, tests/helpers_s3.py) on a free loopback port for the session. The endpoint
+    and credentials reach s3fs through the standard environment, as a user's would."""
     import logging
 
+    from helpers_s3 import S3Server
+
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    settings = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+    server = S3Server()
+    settings = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
-    import fsspec
-
-    fsspec.filesystem("s3").mkdir("kdcache-tests")
     try:
-        yield "s3://kdcache-tests"
+        yield server
     finally:
         server.stop()
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server) -> str:
+    """The URL of a bucket on the session's S3 server."""
+    import fsspec
+
+    fsspec.filesystem("s3").mkdir("kdcache-tests")
+    return "s3://kdcache-tests"
