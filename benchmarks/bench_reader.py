@@ -25,7 +25,7 @@ from bench_precompute import precompute_store
 from benchlib import PROFILES, SPLIT, Section, Table, Target, run_section, subset_store
 from kdcache.cache.schema import CodecSettings
 from kdcache.cache.encoder import ShardedArrayWriter
-from kdcache.cache.reader import StoreReader, ZarrArrayReader
+from kdcache.cache.reader import StoreReader
 from kdcache.cache.schema import (
     TEACHERS, TOKENS, create_teacher_split, mark_shard_complete, num_shards, open_store, shard_range,
     teacher_array_specs,
@@ -111,7 +111,7 @@ def run(store: str, teachers: list[str], workdir: Path, data: str) -> Section:
     keys = {"input_ids": f"{TOKENS}/{SPLIT}",
             **{f"{t}/{a}": f"{TEACHERS}/{t}/{SPLIT}/{a}" for t in teachers for a in ARRAYS}}
     maps = npy_copies(store, keys, workdir)
-    zarr_readers = {key: ZarrArrayReader(root[path]) for key, path in keys.items()}
+    zarr_arrays = {key: root[path] for key, path in keys.items()}
     limit = throughput(lambda idx: {k: m[idx] for k, m in maps.items()}, n, seq_len)
     rows = [["npy memory maps (the limit)", "-", limit, 1.0]]
     default = readers(store, teachers)
@@ -119,7 +119,7 @@ def run(store: str, teachers: list[str], workdir: Path, data: str) -> Section:
         rows.append([name, DEFAULT, throughput(read, n, seq_len), None])
     primary = rows[1][2]
     rows.append(["zarr-python oindex", DEFAULT,
-                 throughput(lambda idx: {k: r.read_sequences(idx) for k, r in zarr_readers.items()}, n, seq_len), None])
+                 throughput(lambda idx: {k: a.oindex[idx] for k, a in zarr_arrays.items()}, n, seq_len), None])
     for i, (codec_name, (codec, layout)) in enumerate(RECODED.items()):
         recoded = recode(store, teachers, workdir / f"recoded-{i}.zarr", codec, layout)
         for name, read in readers(recoded, teachers).items():
@@ -138,12 +138,18 @@ def run(store: str, teachers: list[str], workdir: Path, data: str) -> Section:
     return section
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def standalone(bench: Callable[..., Section], *extra: object) -> None:
+    """`bench(store, teachers, workdir, *extra)` on a store precomputed for --profile (random-init teachers on
+    synthetic tokens), printed as markdown: a benchmark section run alone."""
+    parser = argparse.ArgumentParser(description=bench.__module__)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     profile = PROFILES[parser.parse_args().profile]
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         cfg, store = precompute_store(profile, Path(tmp))
         precompute_targets(cfg, device=profile.device, store=store)
         names = [t.name for t in cfg.teachers]
-        print(run_section(run, store, names, Path(tmp), "random-init teachers on synthetic tokens").markdown())
+        print(run_section(bench, store, names, Path(tmp), *extra).markdown())
+
+
+if __name__ == "__main__":
+    standalone(run, "random-init teachers on synthetic tokens")

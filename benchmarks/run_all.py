@@ -18,6 +18,7 @@ from pathlib import Path
 
 import bench_precompute
 import bench_reader
+import bench_remote
 import bench_scaling
 import bench_step
 import bench_store
@@ -77,10 +78,11 @@ def main() -> None:
         reader = run_section(bench_reader.run, real_store, real_teachers, work,
                              "two teacher groups holding the top-64 targets of the teacher trained in item 2 on "
                              "BabyLM text (the second group a copy), 256 sequences")
+        remote = run_section(bench_remote.run, real_store, real_teachers, work)
         step = run_section(bench_step.run, profile)
         scaling = run_section(bench_scaling.run, profile, work)
         vocab = run_section(bench_vocab.run, profile, work)
-    sections = [precompute, storage, reader, step, scaling, vocab]
+    sections = [precompute, storage, reader, step, scaling, vocab, remote]
     info = {**machine(profile.device), "run time": f"{time.perf_counter() - start:.0f} s"}
     header, summary, body = report(info, sections)
     blocks = kept_blocks(args.out)

@@ -16,7 +16,8 @@ import numpy as np
 import zarr
 
 from kdcache.cache import stats as st
-from kdcache.cache.layout import dir_bytes, local_path
+from kdcache.cache.layout import local_path
+from kdcache.cache.storage import StoreFiles
 from kdcache.cache.schema import TEACHERS, TOKENS, StoreError, completed_shards, sha256_file, splits, teacher_names
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -39,8 +40,8 @@ def codec_chain(array: zarr.Array) -> str:
     return ", ".join(names) or "none"
 
 
-def array_info(array: zarr.Array, store_dir: Path | None) -> dict:
-    on_disk = dir_bytes(store_dir / array.path) if store_dir else None  # None: a remote store
+def array_info(array: zarr.Array, sizes: dict[str, int]) -> dict:
+    on_disk = sum(size for rel, size in sizes.items() if rel.startswith(f"{array.path}/"))
     return {
         "shape": list(array.shape),
         "dtype": str(array.dtype),
@@ -51,7 +52,7 @@ def array_info(array: zarr.Array, store_dir: Path | None) -> dict:
     }
 
 
-def teacher_summary(root: zarr.Group, name: str, store_dir: Path | None) -> dict:
+def teacher_summary(root: zarr.Group, name: str, sizes: dict[str, int]) -> dict:
     tgroup = root[f"{TEACHERS}/{name}"]
     attrs = tgroup.attrs
     shards, arrays, positions = {}, {}, 0
@@ -61,8 +62,8 @@ def teacher_summary(root: zarr.Group, name: str, store_dir: Path | None) -> dict
         shards[split] = {"complete": int(done.sum()), "total": int(done.size)}
         positions += int(np.prod(root[f"{TOKENS}/{split}"].shape))
         for array_name in sorted(group.array_keys()):
-            arrays[f"{split}/{array_name}"] = array_info(group[array_name], store_dir)
-    on_disk = sum(a["bytes_on_disk"] for a in arrays.values()) if store_dir else None
+            arrays[f"{split}/{array_name}"] = array_info(group[array_name], sizes)
+    on_disk = sum(a["bytes_on_disk"] for a in arrays.values())
     raw = sum(a["raw_bytes"] for a in arrays.values())
     return {
         "k": attrs.get("k"),
@@ -84,7 +85,7 @@ def teacher_summary(root: zarr.Group, name: str, store_dir: Path | None) -> dict
 
 
 def summarize(root: zarr.Group, store: str) -> dict:
-    store_dir = local_path(store)
+    sizes = StoreFiles(store).files()  # file sizes only (a listing): no data is read
     attrs = root.attrs
     return {
         "store": store,
@@ -94,10 +95,10 @@ def summarize(root: zarr.Group, store: str) -> dict:
         "vocab_size": attrs.get("vocab_size"),
         "tokenizer_sha256": attrs.get("tokenizer_sha256"),
         "splits": {
-            s: {"num_sequences": int(root[f"{TOKENS}/{s}"].shape[0]), **array_info(root[f"{TOKENS}/{s}"], store_dir)}
+            s: {"num_sequences": int(root[f"{TOKENS}/{s}"].shape[0]), **array_info(root[f"{TOKENS}/{s}"], sizes)}
             for s in splits(root)
         },
-        "teachers": {t: teacher_summary(root, t, store_dir) for t in teacher_names(root)},
+        "teachers": {t: teacher_summary(root, t, sizes) for t in teacher_names(root)},
     }
 
 

@@ -6,7 +6,7 @@ The kernel drops a flock when its process dies, however it dies: a lock file lef
 over with a note on stderr, and the temporary files that writer left (`*.<hex>.partial` of kdcache's and
 zarr's atomic writes) are removed. A lock recorded by another host is never taken over: its process cannot be
 checked from here. Readers take no lock; they refuse incomplete teacher groups (`schema.check_store`).
-Stores that are not local directories (fsspec URLs) are not locked.
+A remote store (an fsspec URL) is locked by a lease object beside it instead (`kdcache.cache.lease`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import os
 import re
 import socket
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from kdcache.cache.layout import local_path
+from kdcache.cache.lease import Lease, read_lease, take_lease
+from kdcache.cache.storage import StoreFiles
 from kdcache.cache.schema import StoreError
 from kdcache.files import remove
 
@@ -60,11 +63,12 @@ class StoreLock:
         self.release()
 
 
-def lock_store(store: str | os.PathLike, command: str) -> StoreLock:
+def lock_store(store: str | os.PathLike, command: str) -> StoreLock | Lease:
     """Take the write lock of `store` for `command`, or raise a StoreError naming the writer that holds it."""
     path = lock_path(store)
     if path is None:
-        return StoreLock(None, None)
+        files = StoreFiles(store)
+        return take_lease(files.fs, f"{files.root}.lock", str(store), command, describe, _alive)
     fd, locked = _open_locked(path, store)
     holder, here = _read(fd), socket.gethostname()
     if locked is False or (holder and (holder.get("host") != here or (locked is None and _alive(holder)))):
@@ -83,6 +87,41 @@ def lock_store(store: str | os.PathLike, command: str) -> StoreLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode(), 0)
     return StoreLock(path, fd)
+
+
+def live_writer(store: str | os.PathLike) -> str | None:
+    """Who else holds the write lock of a local store now (`describe`d), or None; the lock is not taken."""
+    path = lock_path(store)
+    if path is None:
+        return _lease_holder(store)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted: no writer holds the exclusive lock
+            held = False
+        except OSError as e:
+            held = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        holder = _read(fd)
+    finally:
+        os.close(fd)  # drops our shared lock, if we got it
+    here = socket.gethostname()
+    if holder and holder.get("host") == here and holder.get("pid") == os.getpid():
+        return None  # this process's own lock (`kdcache seal` verifies under it)
+    return describe(holder or {}) if held or (holder and holder.get("host") != here) else None
+
+
+def _lease_holder(store: str | os.PathLike) -> str | None:
+    """Who holds the unexpired lease of a remote store (cache.lease), other than this process."""
+    files = StoreFiles(store)
+    holder = read_lease(files.fs, f"{files.root}.lock")
+    if not holder or float(holder.get("expires", 0)) < time.time():
+        return None
+    if holder.get("host") == socket.gethostname() and (holder.get("pid") == os.getpid() or not _alive(holder)):
+        return None
+    return describe(holder)
 
 
 def sweep(store: str | os.PathLike) -> list[Path]:

@@ -7,26 +7,27 @@ followed by the index's crc32c. A sequence is then one index lookup plus one Blo
 memory map, 10-100x faster (docs/cache-format.md; shared notes/storage-measurements.md).
 
 Maps are opened lazily per process and dropped after a fork, so a reader can go to DataLoader workers.
-Non-local stores (fsspec URLs such as s3:// or memory://) are read through zarr-python with the same API.
+A remote store (an fsspec URL: s3://, memory://, ...) is read the same way: each shard file is fetched whole
+into the local shard cache, the shards a batch lacks concurrently (`kdcache.cache.storage`).
 """
 
 from __future__ import annotations
 
-import mmap
 import operator
 import os
 import struct
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import google_crc32c
 import numpy as np
-import zarr
 from numcodecs.blosc import decompress as blosc_decompress
 
-from kdcache.cache.layout import CRC_BYTES, EMPTY, local_path, parse_layout
-from kdcache.cache.manifest import checked_manifest, differs, shard_entries, shard_fingerprint, unlisted
+from kdcache.cache.layout import CRC_BYTES, EMPTY, layout_from_json
+from kdcache.cache.manifest import (
+    META, checked_manifest, differs, fingerprint_of, shard_entries, shard_fingerprint, unlisted,
+)
+from kdcache.cache.storage import Fingerprint, StoreFiles
 from kdcache.cache.schema import COMPLETE, TEACHERS, TOKENS, StoreError, check_store, open_store
 
 BLOSC_HEADER = struct.Struct("<III")  # nbytes, blocksize, cbytes: bytes 4-16 of a blosc frame's header
@@ -38,9 +39,15 @@ EXPECT_KEYS = {"tokenizer_sha", "vocab_size", "seq_len"}
 
 
 class Shard(NamedTuple):
-    path: Path
-    data: np.ndarray  # uint8 view of the file's memory map
+    path: str
+    data: np.ndarray  # uint8 view of the file's memory map (or of the fetched bytes of a remote shard)
     index: list[list[int]]  # [offset, nbytes] per inner chunk
+
+
+def _document(data: bytes | None, name: str) -> bytes:
+    if data is None:
+        raise StoreError(f"{name}: array metadata not found")
+    return data
 
 
 def check_indices(idx: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
@@ -53,16 +60,20 @@ def check_indices(idx: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
 
 
 class ShardedArrayReader:
-    """One sharded [N, L, ...] array of a local store, decoded chunk by chunk from memory-mapped shard files.
+    """One sharded [N, L, ...] array, decoded chunk by chunk from memory-mapped shard files: of a local store, or
+    of a remote one through its local shard cache (`kdcache.cache.storage`).
 
     At most `max_open_shards` shard files stay mapped per process (each map holds a file descriptor); a shard's
     index checksum is checked every time the shard is mapped. `listed` (shard key -> fingerprint, from the
     store's manifest: `kdcache.cache.manifest`) has each shard checked against it the first time a process maps it.
     """
 
-    def __init__(self, array_dir: str | os.PathLike, max_open_shards: int = 128, listed: dict[str, str] | None = None):
-        self.path = Path(array_dir)
-        self.layout = parse_layout(self.path)
+    def __init__(self, array_dir: str | os.PathLike | StoreFiles, max_open_shards: int = 128,
+                 listed: dict[str, str] | None = None):
+        self.files = array_dir if isinstance(array_dir, StoreFiles) else StoreFiles(array_dir)
+        self.path = self.files.store
+        meta = self.files.name(META)
+        self.layout = layout_from_json(_document(self.files.read(META), meta), meta)
         self.shape = self.layout.shape
         self.dtype = self.layout.array_dtype
         self.per_shard = self.layout.per_shard
@@ -85,9 +96,13 @@ class ShardedArrayReader:
     def read_sequences(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
         return self._read(check_indices(idx, self.shape[0]).tolist())
 
-    def _read(self, idx: list[int]) -> np.ndarray:
+    def _own_shards(self) -> OrderedDict[int, Shard]:
         if self._pid != os.getpid():  # a forked child: the inherited maps belong to the parent
             self._pid, self._shards = os.getpid(), OrderedDict()
+        return self._shards
+
+    def _read(self, idx: list[int]) -> np.ndarray:
+        self._own_shards()
         out = np.empty((len(idx), *self.shape[1:]), dtype=self.layout.dtype)
         for row, i in enumerate(idx):
             shard, chunk = divmod(i, self.per_shard)
@@ -106,11 +121,21 @@ class ShardedArrayReader:
             self._shards.move_to_end(shard)
         return mapped
 
+    def missing_shards(self, idx: Sequence[int] | np.ndarray) -> dict[str, tuple[str, Fingerprint]]:
+        """The listed shards holding sequences `idx` that this process has not mapped yet: shard key ->
+        (manifest digest, fingerprint), what `StoreFiles.prefetch` takes."""
+        if self.listed is None:
+            return {}
+        mapped = self._own_shards()
+        keys = {self.layout.shard_key(s) for s in set((check_indices(idx, self.shape[0]) // self.per_shard).tolist())
+                if s not in mapped}
+        return {key: (self.listed[key], fingerprint_of(self.layout)) for key in keys if key in self.listed}
+
     def _map(self, shard: int) -> Shard:
-        path = self.path / self.layout.shard_key(shard)
+        key = self.layout.shard_key(shard)
+        path = self.files.name(key)
         try:
-            with open(path, "rb") as f:
-                data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+            data = self.files.shard(key, (self.listed or {}).get(key), fingerprint_of(self.layout))
         except FileNotFoundError:
             raise StoreError(f"{path}: shard file missing (shard {shard} of {self.path})") from None
         except ValueError:  # mmap refuses empty files
@@ -122,7 +147,6 @@ class ShardedArrayReader:
         if google_crc32c.value(raw[:-CRC_BYTES]) != int.from_bytes(raw[-CRC_BYTES:].tobytes(), "little"):
             raise StoreError(f"{path}: shard index checksum mismatch (corrupt shard file)")
         if self.listed is not None and shard not in self._matched:
-            key = self.layout.shard_key(shard)
             if key not in self.listed:
                 raise StoreError(unlisted(path))
             if shard_fingerprint(data, self.layout) != self.listed[key]:
@@ -154,22 +178,6 @@ class ShardedArrayReader:
             blosc_decompress(buf, out)  # numcodecs' Blosc.decode minus ~1 us of argument checks per chunk
         except (RuntimeError, ValueError) as e:
             raise StoreError(f"{shard.path}: chunk {chunk} does not decode ({e})") from None
-
-
-class ZarrArrayReader:
-    """The same API over zarr-python, for stores that are not local directories."""
-
-    def __init__(self, array: zarr.Array):
-        self.array = array
-        self.shape = array.shape
-        self.dtype = array.dtype
-        self.per_shard = (array.shards or array.chunks)[0]
-
-    def read_sequence(self, i: int) -> np.ndarray:
-        return self.read_sequences([i])[0]
-
-    def read_sequences(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
-        return self.array.oindex[check_indices(idx, self.shape[0])]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,10 +217,10 @@ class StoreReader:
                     raise StoreError(f"{self.store}: teacher {teacher!r} split {split!r} has no array {name!r} "
                                      f"(have {have})")
                 paths[f"{teacher}/{name}"] = f"{group.path}/{name}"
-        directory = local_path(self.store)
-        self.readers = {key: ShardedArrayReader(directory / path, listed=None if manifest is None else
-                                                shard_entries(manifest, path))
-                        if directory else ZarrArrayReader(root[path]) for key, path in paths.items()}
+        self.files = StoreFiles(self.store)
+        self.readers = {key: ShardedArrayReader(self.files.under(path), listed=None if manifest is None else
+                                                shard_entries(manifest, path)) for key, path in paths.items()}
+        self.paths = paths
         self.num_sequences, self.seq_len = self.readers["input_ids"].shape
         if bad := [key for key, r in self.readers.items() if r.shape[:2] != (self.num_sequences, self.seq_len)]:
             raise StoreError(f"{self.store}: arrays {bad} do not match tokens/{split} "
@@ -227,6 +235,9 @@ class StoreReader:
         return item
 
     def batch(self, idx: Sequence[int]) -> dict[str, np.ndarray]:
+        if not self.files.local:  # the shards this batch needs that the shard cache lacks, fetched concurrently
+            self.files.prefetch({f"{self.paths[key]}/{shard}": check for key, reader in self.readers.items()
+                                 for shard, check in reader.missing_shards(idx).items()})
         out = {key: reader.read_sequences(idx) for key, reader in self.readers.items()}
         out["input_ids"] = out["input_ids"].astype(np.int64)
         return out

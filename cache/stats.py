@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from kdcache.cache.layout import local_path
 from kdcache.cache.reader import StoreReader
 from kdcache.cache.schema import TEACHERS, StoreError, completed_shards
 from kdcache.files import staged
@@ -71,24 +70,25 @@ def entropy(p: np.ndarray, tail: np.ndarray) -> np.ndarray:
 
 
 def read_targets(root: zarr.Group, teachers: list[str], split: str, seqs: np.ndarray | int) -> dict[str, Targets]:
-    """Each teacher's targets of the given sequences (an index array, or one sequence index). A local store is read
-    through the direct reader, so a damaged, missing or replaced shard is named (checksums, the store's manifest)
-    rather than raised by zarr without its file or, for a missing shard, read as fill values."""
+    """Each teacher's targets of the given sequences (an index array, or one sequence index), read through the
+    direct reader, so a damaged, missing or replaced shard is named (checksums, the store's manifest) rather than
+    raised by zarr without its file or, for a missing shard, read as fill values."""
     rows = [int(i) for i in np.atleast_1d(seqs)]
-    store = str(root.store)
-    if local_path(store) is not None:  # one reader, one manifest check, one read for every teacher
-        reader = StoreReader(store, teachers=teachers, arrays={t: TARGET_ARRAYS for t in teachers}, split=split,
-                             require_complete=False)
-        batch = reader.batch(rows)
-        arrays = {t: {name: batch[f"{t}/{name}"] for name in TARGET_ARRAYS} for t in teachers}
-    else:  # one inner chunk (= sequence) at a time: orthogonal indexing of sharded arrays is slow (zarr #3829)
-        groups = {t: root[f"{TEACHERS}/{t}/{split}"] for t in teachers}
-        arrays = {t: {name: np.stack([g[name][i] for i in rows]) for name in TARGET_ARRAYS} for t, g in groups.items()}
+    reader = StoreReader(store_url(root), teachers=teachers, arrays={t: TARGET_ARRAYS for t in teachers}, split=split,
+                         require_complete=False)  # one reader, one manifest check, one read for every teacher
+    batch = reader.batch(rows)
+    arrays = {t: {name: batch[f"{t}/{name}"] for name in TARGET_ARRAYS} for t in teachers}
     if np.ndim(seqs) == 0:
         arrays = {t: {name: a[0] for name, a in by_name.items()} for t, by_name in arrays.items()}
     return {t: Targets(a["topk_ids"], a["topk_logits"].astype(np.float32), a["lse"],
                        [float(x) for x in root[f"{TEACHERS}/{t}"].attrs["temperatures"]], int(root.attrs["vocab_size"]))
             for t, a in arrays.items()}
+
+
+def store_url(root: zarr.Group) -> str:
+    """Where an open store lives, as a path or URL the direct reader takes."""
+    fs = getattr(root.store, "fs", None)  # zarr's FsspecStore; a LocalStore prints as its file:// URL
+    return fs.unstrip_protocol(root.store.path) if fs is not None else str(root.store)
 
 
 def split_group(root: zarr.Group, teacher: str, split: str) -> zarr.Group:

@@ -1,4 +1,4 @@
-"""`verify_store`: decode every chunk of a local store and check it against the schema; one line per problem.
+"""`verify_store`: decode every chunk of a store (local or remote) against the schema; one line per problem.
 
 Checked: every shard file of every complete shard is present with a valid index checksum and every inner chunk
 decodes to the right size (chunk bytes carry a checksum only when the inner codec chain ends in crc32c; without
@@ -22,9 +22,12 @@ import numpy as np
 import zarr
 
 from kdcache.cache import FORMAT_VERSION
-from kdcache.cache.layout import local_path
-from kdcache.cache.manifest import MANIFEST, manifest_problems
+from kdcache.cache.lock import lock_store
+from kdcache.cache.manifest import (
+    META, Entries, manifest_problems, read_manifest, seal_problems, seal_store, shard_entries, unsealed,
+)
 from kdcache.cache.reader import ShardedArrayReader
+from kdcache.cache.storage import StoreFiles
 from kdcache.cache.words import WORDS, read_word_counts
 from kdcache.cache.schema import (
     COMPLETE, TEACHERS, TOKENS, ArraySpec, StoreError, ids_dtype, num_shards, open_store,
@@ -35,54 +38,57 @@ Check = Callable[[np.ndarray], str | None]  # one shard's data -> what is wrong 
 
 
 def verify_store(path: str | os.PathLike) -> list[str]:
-    """Every problem found in the store at `path` (a local directory), one line each; empty when sound."""
+    """Every problem found in the store at `path` (a local directory or a URL), one line each; empty when sound."""
     store = str(path)
-    directory = local_path(store)
+    files = StoreFiles(store)
     problems = []
-    if directory is not None and directory.is_dir():  # first, what is named by file before zarr trips over it
-        problems = manifest_problems(directory)
-        problems = _unparsed_documents(directory) if problems is None else problems
+    if files.exists(META):  # first, what is named by file before zarr trips over it
+        problems = manifest_problems(files)
+        problems = _unparsed_documents(files) + seal_problems(store) if problems is None else problems
     try:
         root = open_store(store)
     except StoreError as e:
         if not problems:
             raise
         return problems + [str(e)]
-    if directory is None:
-        raise StoreError(f"{store}: verify reads shard files directly and needs a local store")
     attrs = root.attrs.asdict()
     absent = [f"{store}: root attribute {key!r} missing"
               for key in ("seq_len", "vocab_size", "tokenizer_sha256") if key not in attrs]
     if absent:
         return problems + absent
+    listed = read_manifest(files) if not problems else None  # sound: remote shards come from the shard cache
     for split in _guarded(problems, TOKENS, lambda: splits(root)):
-        problems += _guarded(problems, f"{TOKENS}/{split}", lambda: _verify_tokens(root, directory, split))
+        problems += _guarded(problems, f"{TOKENS}/{split}", lambda: _verify_tokens(root, files, split, listed))
         problems += _guarded(problems, f"{WORDS}/{split}", lambda: _verify_words(root, split))
     for teacher in _guarded(problems, TEACHERS, lambda: teacher_names(root)):
-        problems += _guarded(problems, f"{TEACHERS}/{teacher}", lambda: _verify_teacher(root, directory, teacher))
+        problems += _guarded(problems, f"{TEACHERS}/{teacher}", lambda: _verify_teacher(root, files, teacher, listed))
     return problems
 
 
-def unsealed_note(store: str | os.PathLike) -> str | None:
-    """What `kdcache verify` adds to its verdict on a local store without a manifest (kdcache.cache.manifest)."""
-    directory = local_path(store)
-    if directory is None or (directory / MANIFEST).is_file():
-        return None
-    return (f"no {MANIFEST}: a store of an older kdcache, or a writer did not finish; its metadata and `complete` "
-            "records were not checked against recorded digests")
+def seal_verified(store: str) -> int:
+    """`kdcache seal`: under the write lock, verify every chunk of `store` and, when nothing but its seal is
+    missing, record its manifest; returns the number of files listed. StoreError naming the problems otherwise."""
+    with lock_store(store, "kdcache seal"):
+        problems = [line for line in verify_store(store) if line != unsealed(store)]
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise StoreError(f"{store}: not sealed: verify found {len(problems)} problems: {shown}")
+        seal_store(store)
+    return len(read_manifest(StoreFiles(store)) or {})
 
 
-def _unparsed_documents(directory: Path) -> list[str]:
+def _unparsed_documents(files: StoreFiles) -> list[str]:
     """Without a manifest: each zarr.json that is not a JSON object."""
     problems = []
-    for path in sorted(directory.rglob("zarr.json")):
+    documents = sorted(rel for rel in files.files() if rel == META or rel.endswith(f"/{META}"))
+    for rel, data in files.read_many(documents).items():
         try:
-            parsed = json.loads(path.read_bytes())
+            parsed = json.loads(data)
         except ValueError as e:  # not JSON, or not UTF-8
-            problems.append(f"{path}: not valid JSON ({e})")
+            problems.append(f"{files.name(rel)}: not valid JSON ({e})")
             continue
         if not isinstance(parsed, dict):
-            problems.append(f"{path}: not a JSON object")
+            problems.append(f"{files.name(rel)}: not a JSON object")
     return problems
 
 
@@ -96,11 +102,11 @@ def _guarded(problems: list[str], where: str, check: Callable[[], list[str]]) ->
         return []
 
 
-def _verify_tokens(root: zarr.Group, directory: Path, split: str) -> list[str]:
+def _verify_tokens(root: zarr.Group, files: StoreFiles, split: str, listed: Entries | None) -> list[str]:
     path = f"{TOKENS}/{split}"
     vocab = root.attrs["vocab_size"]
     shape = (root[path].shape[0], root.attrs["seq_len"])
-    problems = _verify_array(directory, path, shape, ArraySpec((), ids_dtype(vocab)), None, [_ids_below(vocab)])
+    problems = _verify_array(files, path, shape, ArraySpec((), ids_dtype(vocab)), None, [_ids_below(vocab)], listed)
     if not problems and token_digest(read_tokens(root, split)) != root[path].attrs.get("digest"):
         problems.append(f"{path}: stored tokens do not match the digest attribute")
     return problems
@@ -115,7 +121,7 @@ def _verify_words(root: zarr.Group, split: str) -> list[str]:
     return []
 
 
-def _verify_teacher(root: zarr.Group, directory: Path, teacher: str) -> list[str]:
+def _verify_teacher(root: zarr.Group, files: StoreFiles, teacher: str, listed: Entries | None) -> list[str]:
     group_path = f"{TEACHERS}/{teacher}"
     attrs = root[group_path].attrs.asdict()
     where = f"{group_path}: attribute"
@@ -129,12 +135,12 @@ def _verify_teacher(root: zarr.Group, directory: Path, teacher: str) -> list[str
     if 1.0 not in attrs["temperatures"]:  # the spec: T = 1 is always cached (the exact top-k + tail targets)
         problems.append(f"{where} temperatures {attrs['temperatures']} lack 1.0")
     for split in sorted(root[group_path].group_keys()):
-        problems += _verify_teacher_split(root, directory, teacher, split, attrs)
+        problems += _verify_teacher_split(root, files, teacher, split, attrs, listed)
     return problems
 
 
-def _verify_teacher_split(root: zarr.Group, directory: Path, teacher: str, split: str,
-                          attrs: dict[str, Any]) -> list[str]:
+def _verify_teacher_split(root: zarr.Group, files: StoreFiles, teacher: str, split: str, attrs: dict[str, Any],
+                          listed: Entries | None) -> list[str]:
     path = f"{TEACHERS}/{teacher}/{split}"
     group = root[path]
     if f"{TOKENS}/{split}" not in root:
@@ -148,7 +154,7 @@ def _verify_teacher_split(root: zarr.Group, directory: Path, teacher: str, split
         problems.append(f"{path}: num_sequences is {group.attrs.get('num_sequences')!r}, tokens have {n}")
     per_shard = group.attrs.get("per_shard", 1)
     marks = group[COMPLETE][...] if COMPLETE in group else np.zeros(0, dtype=np.uint8)
-    problems += [f"{directory / path / COMPLETE / 'c' / str(shard)}: completion record holds {marks[shard]}, not 0 or 1"
+    problems += [f"{files.name(f'{path}/{COMPLETE}/c/{shard}')}: completion record holds {marks[shard]}, not 0 or 1"
                  for shard in np.flatnonzero(marks > 1).tolist()]  # the records carry no checksum
     done = marks.astype(bool)
     if done.size != num_shards(n, per_shard):
@@ -165,15 +171,15 @@ def _verify_teacher_split(root: zarr.Group, directory: Path, teacher: str, split
     problems += [f"{path}: array {name!r} missing" for name in sorted(set(specs) | set(wanted)) if name not in have]
     for name in sorted(set(specs) & have):
         checks = _value_checks(name, specs[name], root.attrs["vocab_size"], attrs.get("samples", 0))
-        problems += _verify_array(directory, f"{path}/{name}", (n, seq_len), specs[name], done, checks)
+        problems += _verify_array(files, f"{path}/{name}", (n, seq_len), specs[name], done, checks, listed)
     return problems
 
 
-def _verify_array(directory: Path, path: str, shape: tuple[int, int], spec: ArraySpec, done: np.ndarray | None,
-                  checks: list[Check]) -> list[str]:
+def _verify_array(files: StoreFiles, path: str, shape: tuple[int, int], spec: ArraySpec, done: np.ndarray | None,
+                  checks: list[Check], listed: Entries | None) -> list[str]:
     """Decode every shard marked in `done` (None: every shard) and run `checks` on each."""
     try:
-        reader = ShardedArrayReader(directory / path)
+        reader = ShardedArrayReader(files.under(path), listed=None if listed is None else shard_entries(listed, path))
     except StoreError as e:
         return [str(e)]
     want = (*shape, *spec.trailing)

@@ -117,6 +117,9 @@ class CacheConfig:
     batch_size: int = 64
     codec: CodecSettings = field(default_factory=CodecSettings)
     splits: list[str] = field(default_factory=lambda: ["train", "dev"])
+    # where the store lives: empty = <runs-root>/<name>/cache.zarr, or a path or fsspec URL
+    # (s3://bucket/prefix/cache.zarr; credentials and endpoint come from the environment, never from here)
+    store: str = ""
 
 
 @dataclass
@@ -134,6 +137,7 @@ class DistillConfig:
     temperature: float = 2.0
     form: str = "tail"  # a registered KD form (kdcache.student.kd): tail | renorm | sampled | seed_exact
     hidden: HiddenLossConfig = field(default_factory=HiddenLossConfig)
+    allow_unsealed: bool = False  # train on a store without kdcache.manifest (its swapped shards go unnoticed)
 
 
 @dataclass
@@ -258,6 +262,7 @@ class RunPaths:
     """Where each step of a run writes, under runs/<config name>/."""
 
     root: Path
+    store_url: str = ""  # cache.store, when set
 
     @property
     def corpus(self) -> Path:  # cleaned text: train.txt, dev.txt
@@ -272,8 +277,9 @@ class RunPaths:
         return self.root / "tokenizer"
 
     @property
-    def store(self) -> Path:
-        return self.root / "cache.zarr"
+    def store(self) -> Path | str:
+        """The store: cache.store (a path or URL) when set, else beside the run's other outputs."""
+        return self.store_url or self.root / "cache.zarr"
 
     def teacher(self, name: str) -> Path:  # training dir; the final HF model is <dir>/model
         return self.root / "teachers" / name
@@ -305,4 +311,4 @@ class RunPaths:
 
 
 def run_paths(cfg: Config, root: str | os.PathLike = "runs") -> RunPaths:
-    return RunPaths(cfg.run_dir(root))
+    return RunPaths(cfg.run_dir(root), cfg.cache.store)

@@ -73,6 +73,8 @@ def validate(cfg: Config) -> None:
         (len(set(cfg.study.seeds)) == len(cfg.study.seeds), "study.seeds must be distinct"),
         (bool(cfg.study.seeds) or not cfg.study.variants, "study.seeds must list at least one seed"),
         (0 <= cfg.cache.codec.clevel <= 9, f"cache.codec.clevel must be in 0..9, got {cfg.cache.codec.clevel}"),
+        ("@" not in cfg.cache.store.partition("://")[2].partition("/")[0],
+         "cache.store holds credentials: set them in the environment (AWS_ACCESS_KEY_ID, ...), not in the config"),
     ]
     trains = [("student_train", cfg.student_train), *((f"teachers[{i}].train", t.train) for i, t in enumerate(cfg.teachers))]
     for key, train in trains:

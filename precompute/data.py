@@ -12,15 +12,20 @@ Beside the tokens, `words/<split>` records each sequence's words (precompute/wor
 
 from __future__ import annotations
 
+import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from kdcache.cache import schema
 from kdcache.cache.lock import lock_store
-from kdcache.cache.manifest import seal_store
+from kdcache.cache.layout import local_path
+from kdcache.cache.manifest import MANIFEST, seal_store
+from kdcache.cache.storage import StoreFiles
 from kdcache.config import Config, RunPaths, run_paths
 from kdcache.cache.schema import StoreError
 from kdcache.cache.words import WORDS, write_word_counts
@@ -41,9 +46,9 @@ def pack(stream: np.ndarray, seq_len: int) -> tuple[np.ndarray, int]:
     return stream[: n * seq_len].reshape(n, seq_len), len(stream) - n * seq_len
 
 
-def check_replaceable(store: Path, overwrite: bool) -> None:
+def check_replaceable(store: Path | str, overwrite: bool) -> None:
     """Refuse to replace a store holding teacher targets: they are only valid for its tokens."""
-    if overwrite or not store.exists():
+    if overwrite or not StoreFiles(store).exists("zarr.json"):
         return
     teachers = schema.teacher_names(schema.open_store(str(store), any_version=True))  # an old format is replaceable
     if teachers:
@@ -67,7 +72,7 @@ def write_store(cfg: Config, paths: RunPaths, tokenizer: PreTrainedTokenizerFast
     }
     if cfg.tokenizer.pretrained:
         attrs["tokenizer_source"] = cfg.tokenizer.pretrained
-    with staged(paths.store) as tmp:
+    with staged_store(paths.store) as tmp:
         root = schema.create_store(str(tmp), attrs)
         for split in SPLITS:
             stream, token_words = streams[split]
@@ -85,10 +90,25 @@ def write_store(cfg: Config, paths: RunPaths, tokenizer: PreTrainedTokenizerFast
         seal_store(tmp)  # the store is whole: record what it holds (cache.manifest)
 
 
+@contextmanager
+def staged_store(store: Path | str) -> Iterator[Path]:
+    """A local directory to build the store in, moved into place (`files.staged`) or, for a remote store, published
+    object by object with the manifest last (`StoreFiles.publish`), only if the block succeeds."""
+    if local_path(store) is not None:
+        with staged(local_path(store)) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="kdcache-data-") as tmp:
+        yield Path(tmp) / "cache.zarr"
+        StoreFiles(store).publish(Path(tmp) / "cache.zarr", MANIFEST)
+
+
 def prepare_data(cfg: Config, runs_root: str | Path = "runs", overwrite: bool = False) -> RunPaths:
     """Corpus -> tokenizer -> token store, all under runs_root/<name>/."""
     paths = run_paths(cfg, runs_root)
-    paths.store.parent.mkdir(parents=True, exist_ok=True)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if local_path(paths.store) is not None:
+        local_path(paths.store).parent.mkdir(parents=True, exist_ok=True)
     with lock_store(paths.store, "kdcache data"):  # no precompute is writing the store or reading the tokenizer
         check_replaceable(paths.store, overwrite)  # before the tokenizer the teachers used is retrained
         corpus = build_corpus(cfg, paths)

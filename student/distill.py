@@ -15,7 +15,7 @@ import zarr
 from torch import Tensor, nn
 
 from kdcache.cache import schema
-from kdcache.cache.manifest import checked_manifest
+from kdcache.cache.manifest import checked_manifest, seal_problems
 from kdcache.cache.schema import StoreError
 from kdcache.cache.words import read_word_counts
 from kdcache.config import Config, RunPaths, run_paths
@@ -97,6 +97,8 @@ def distill(cfg: Config, runs_root: str | Path = "runs", resume: bool = False, b
     (runs/<n>/online). `out_dir` replaces that default directory (a study's runs)."""
     paths = run_paths(cfg, runs_root)
     checked_manifest(paths.store, "train", None)  # a damaged metadata document is named before zarr reads it
+    if (unsealed := seal_problems(paths.store)) and not cfg.distill.allow_unsealed:
+        raise StoreError(f"{unsealed[0]}; or set distill.allow_unsealed: true to train on it unchecked")
     store = schema.open_store(str(paths.store))
     attrs = dict(store.attrs)
     expect = {"tokenizer_sha": schema.tokenizer_sha256(paths.tokenizer), "vocab_size": cfg.tokenizer.vocab_size,

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from kdcache.config import Config, DataConfig, EvalConfig, ModelConfig, TeacherConfig, TokenizerConfig, TrainConfig, load_config, run_paths
+from kdcache.cache.manifest import seal_store
 from kdcache.cache.schema import create_store, tokenizer_sha256, write_tokens
 from shared_data import SHARED_DATA
 
@@ -64,6 +65,7 @@ def make_store(path: Path, tokenizer_dir: Path, lines: list[str], seq_len: int =
         stream = np.array([i for e in tokenizer.encode_batch(part, add_special_tokens=False) for i in e.ids])
         n = len(stream) // seq_len
         write_tokens(root, split, stream[: n * seq_len].reshape(n, seq_len), 64, Config(name="x").cache.codec, vocab)
+    seal_store(path)
     return path
 
 

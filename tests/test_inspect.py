@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kdcache.cache import FORMAT_VERSION
 from kdcache.cli import main
+from kdcache.cache.manifest import MANIFEST, seal_store, unsealed
 from kdcache.cache.schema import CodecSettings
 from kdcache.cache.schema import (
     create_store,
@@ -387,6 +388,7 @@ def sound_copy(built, tmp_path) -> Path:
     shutil.copytree(built.store, store)
     teacher, split, shard = built.incomplete
     mark_shard_complete(zarr.open_group(str(store), mode="r+")[f"teachers/{teacher}/{split}"], shard)
+    seal_store(store)
     return store
 
 
@@ -397,6 +399,7 @@ def test_verify_passes_a_sound_store(sound_copy):
 
 
 def test_verify_fails_on_planted_corruption(sound_copy):
+    (sound_copy / MANIFEST).unlink()  # the checks that hold without a manifest, which names every changed file
     root = zarr.open_group(str(sound_copy), mode="r+")
     logits = root["teachers/alpha/train/topk_logits"]
     shard = logits[:PER_SHARD]
@@ -411,7 +414,7 @@ def test_verify_fails_on_planted_corruption(sound_copy):
     code, out = run("verify", sound_copy)
     assert code == 1
     lines = out.strip().splitlines()
-    assert len(lines) == 3, out  # one line per planted problem
+    assert len(lines) == 4 and lines[0] == unsealed(str(sound_copy)), out  # one line per planted problem
     assert any("alpha" in line and "topk_logits" in line for line in lines)
     assert any("beta" in line and "dev" in line for line in lines)
     assert any("ensemble" in line and "lse" in line for line in lines)

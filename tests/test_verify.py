@@ -11,8 +11,17 @@ import zarr
 
 from kdcache.cache import FORMAT_VERSION
 from kdcache.cache.schema import StoreError, write_tokens
+from kdcache.cache.manifest import seal_store, unsealed
 from kdcache.cache.verify import verify_store
 from test_reader import LZ4, NONE, PER_SHARD, SEQ_LEN, DEFAULT, array_dir, build_store, flip
+
+
+def checks(store: str | Path) -> list[str]:
+    """verify_store's lines on a store written without a manifest (as these tests write them), less the one line
+    that says so: the checks below are the ones that hold without a manifest."""
+    problems = verify_store(store)
+    assert unsealed(str(store)) in problems, problems
+    return [line for line in problems if line != unsealed(str(store))]
 
 
 @pytest.fixture
@@ -38,25 +47,25 @@ def only(problems: list[str], *words: str) -> str:
 @pytest.mark.parametrize("codec", [DEFAULT, NONE, LZ4])
 def test_sound_store_has_no_problems(tmp_path, codec):
     build_store(tmp_path / "cache.zarr", codec=codec, teachers=("alpha", "beta"))
-    assert verify_store(tmp_path / "cache.zarr") == []
+    assert checks(tmp_path / "cache.zarr") == []
 
 
 def test_sound_store_with_chunk_checksums(tmp_path):
     build_store(tmp_path / "cache.zarr")
-    assert verify_store(str(tmp_path / "cache.zarr")) == []
+    assert checks(str(tmp_path / "cache.zarr")) == []
 
 
 def test_flipped_index_byte(store):
     shard_file = array_dir(store, "beta/lse") / "c/1/0/0"
     flip(shard_file, -10)
-    only(verify_store(store), str(shard_file), "index checksum mismatch")
+    only(checks(store), str(shard_file), "index checksum mismatch")
 
 
 def test_flipped_blosc_header_byte(store):
     shard_file = array_dir(store, "alpha/topk_logits") / "c/0/0/0"
     offset, _ = chunk_span(shard_file, 2)
     flip(shard_file, offset + 12)  # the frame's compressed size: the chunk's crc32c catches it before Blosc
-    only(verify_store(store), str(shard_file), "chunk 2 checksum mismatch")
+    only(checks(store), str(shard_file), "chunk 2 checksum mismatch")
 
 
 @pytest.mark.parametrize("codec", [DEFAULT, NONE])
@@ -66,7 +75,7 @@ def test_flipped_chunk_byte_with_chunk_checksums(tmp_path, codec):
     shard_file = array_dir(path, "alpha/hidden_1") / "c/1/0/0"
     offset, nbytes = chunk_span(shard_file, 3)
     flip(shard_file, offset + nbytes // 2)  # the middle of the payload: without a checksum this decodes silently
-    only(verify_store(path), str(shard_file), "chunk 3 checksum mismatch")
+    only(checks(path), str(shard_file), "chunk 3 checksum mismatch")
 
 
 def test_uncompressed_chunk_of_wrong_size(tmp_path):
@@ -79,13 +88,13 @@ def test_uncompressed_chunk_of_wrong_size(tmp_path):
     index[1, 1] -= 2  # a consistent index (valid crc32c) that points at a short chunk
     data[index_start:] = index.tobytes() + google_crc32c.value(index.tobytes()).to_bytes(4, "little")
     shard_file.write_bytes(bytes(data))
-    only(verify_store(path), str(shard_file), "chunk 1 checksum mismatch")
+    only(checks(path), str(shard_file), "chunk 1 checksum mismatch")
 
 
 def test_missing_shard_file(store):
     shard_file = array_dir(store, "alpha/sample_ids") / "c/2/0/0"
     shard_file.unlink()
-    only(verify_store(store), str(shard_file), "shard file missing")
+    only(checks(store), str(shard_file), "shard file missing")
 
 
 def test_incomplete_teacher_skips_its_unwritten_shard(tmp_path):
@@ -93,7 +102,7 @@ def test_incomplete_teacher_skips_its_unwritten_shard(tmp_path):
     build_store(path, teachers=("alpha", "beta"), incomplete=("beta", 0))
     for name in ("topk_logits", "lse"):
         (array_dir(path, f"beta/{name}") / "c/0/0/0").unlink()  # never written: not a problem of its own
-    only(verify_store(path), "teachers/beta/train", "incomplete: 2/3 shards complete (not: [0])")
+    only(checks(path), "teachers/beta/train", "incomplete: 2/3 shards complete (not: [0])")
 
 
 @pytest.mark.parametrize("name,bad,message", [
@@ -107,7 +116,7 @@ def test_bad_values(store, name, bad, message):
     shard = array[PER_SHARD:2 * PER_SHARD]
     shard[1, 2, 0] = bad
     array[PER_SHARD:2 * PER_SHARD] = shard  # a whole-shard write, as the writer does
-    only(verify_store(store), f"teachers/alpha/train/{name}", message)
+    only(checks(store), f"teachers/alpha/train/{name}", message)
 
 
 def test_unsorted_topk(store):
@@ -115,7 +124,7 @@ def test_unsorted_topk(store):
     shard = array[:PER_SHARD]
     shard[0, 0] = shard[0, 0, ::-1]
     array[:PER_SHARD] = shard
-    only(verify_store(store), "teachers/beta/train/topk_logits", "not sorted descending (shards [0])")
+    only(checks(store), "teachers/beta/train/topk_logits", "not sorted descending (shards [0])")
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -127,7 +136,7 @@ def test_unsorted_topk(store):
 ])
 def test_teacher_attributes(store, key, value, message):
     zarr.open_group(str(store), mode="r+")["teachers/alpha"].attrs[key] = value
-    problems = verify_store(store)
+    problems = checks(store)
     assert message in problems and all("alpha" in line for line in problems), problems
 
 
@@ -135,7 +144,7 @@ def test_missing_arrays_named(store):
     root = zarr.open_group(str(store), mode="r+")
     del root["teachers/alpha/train/hidden_1_scale"]
     root["teachers/beta"].attrs["hidden_layers"] = [1, 3]
-    assert sorted(verify_store(store)) == [
+    assert sorted(checks(store)) == [
         "teachers/alpha/train: array 'hidden_1_scale' missing",
         "teachers/beta/train: array 'hidden_3' missing",
     ]
@@ -145,7 +154,7 @@ def test_tokens_changed_under_the_teachers(store):
     root = zarr.open_group(str(store), mode="r+")
     other = np.random.default_rng(5).integers(0, 300, (13, SEQ_LEN))
     write_tokens(root, "train", other, PER_SHARD, DEFAULT, 300)  # 13 sequences now, teachers still hold 10
-    problems = verify_store(store)
+    problems = checks(store)
     for teacher in ("alpha", "beta"):
         assert f"teachers/{teacher}/train: token_digest differs from tokens/train's digest (computed on other tokens)" \
             in problems
@@ -156,12 +165,22 @@ def test_tokens_changed_under_the_teachers(store):
 def test_tokens_not_matching_their_digest(store):
     tokens = zarr.open_group(str(store), mode="r+")["tokens/train"]
     tokens[:PER_SHARD] = tokens[:PER_SHARD][::-1]
-    only(verify_store(store), "tokens/train: stored tokens do not match the digest attribute")
+    only(checks(store), "tokens/train: stored tokens do not match the digest attribute")
 
 
 def test_refuses_what_it_cannot_verify(tmp_path):
     with pytest.raises(StoreError, match="not a kdcache store"):
         verify_store(tmp_path)
-    build_store("memory://test_verify/cache.zarr")
-    with pytest.raises(StoreError, match="needs a local store"):
-        verify_store("memory://test_verify/cache.zarr")
+
+
+
+def test_a_store_at_an_fsspec_url_is_verified_like_a_local_one():
+    url = "memory://test_verify/cache.zarr"
+    build_store(url)
+    assert checks(url) == []
+    seal_store(url)
+    assert verify_store(url) == []
+    root = zarr.open_group(url, mode="r+")
+    root["teachers/alpha/train/lse"][:PER_SHARD] = 1.5  # a whole-shard rewrite the manifest does not list
+    assert verify_store(url) == [f"{url}/teachers/alpha/train/lse/c/0/0/0: differs from the store's manifest "
+                                 "(damaged, or replaced after the store was written)"]

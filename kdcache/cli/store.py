@@ -1,4 +1,4 @@
-"""The store's commands: `kdcache inspect | show | stats | verify | plot | upgrade` (no torch is imported)."""
+"""The store's commands: `kdcache inspect | show | stats | verify | seal | plot | upgrade` (no torch is imported)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from kdcache.cache import stats as st
 from kdcache.cache.inspect import (
     check_split, check_teachers, inspect_text, load_tokenizer, position_document, show_text, stats_text, summarize,
 )
-from kdcache.cache.layout import local_path
 from kdcache.cache.manifest import checked_manifest
 from kdcache.cache.reader import StoreReader
 from kdcache.cache.schema import TOKENS, StoreError, open_store
@@ -89,10 +88,9 @@ def show(store: str, seq: int, pos: int | None, teachers: tuple[str, ...], tempe
 def check_position(store: str, split: str, seq: int, n: int, teachers: list[str]) -> None:
     """Read what `show` reads of sequence `seq` (and the next one's tokens) through the direct reader first: a
     damaged file is then named (zarr's errors do not name it) and checked against the store's manifest."""
-    if local_path(store) is not None:
-        reader = StoreReader(store, teachers=teachers, split=split, require_complete=False)
-        reader.batch([seq])
-        reader.readers["input_ids"].read_sequences(range(seq, min(seq + 2, n)))
+    reader = StoreReader(store, teachers=teachers, split=split, require_complete=False)
+    reader.batch([seq])
+    reader.readers["input_ids"].read_sequences(range(seq, min(seq + 2, n)))
 
 
 @command()
@@ -120,7 +118,7 @@ def sampled_stats(store: str, sample: int, seed: int, split: str, teachers: tupl
 def verify(ctx: click.Context, store: str, as_json: bool) -> None:
     """Check every file of STORE against its manifest, and every shard: checksums, shapes, completeness, NaN/inf,
     attributes. Exit 1 on any problem, one line each, naming the file."""
-    from kdcache.cache.verify import unsealed_note, verify_store  # the checks decode every chunk: load them if asked
+    from kdcache.cache.verify import verify_store  # the checks decode every chunk: load them if asked
 
     try:
         problems = verify_store(store)
@@ -129,10 +127,19 @@ def verify(ctx: click.Context, store: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"store": store, "ok": not problems, "problems": problems}, indent=2))
     else:
-        note = unsealed_note(store)
-        click.echo("\n".join(problems) if problems else f"{store}: ok" + (f" ({note})" if note else ""))
+        click.echo("\n".join(problems) if problems else f"{store}: ok")
     if problems:
         ctx.exit(1)
+
+
+@command()
+@click.argument("store")
+def seal(store: str) -> None:
+    """Verify every chunk of STORE, then record its manifest: for a store whose writer stopped before sealing it
+    (or whose kdcache.manifest was deleted). Refused, naming the problems, when verify finds any but the seal."""
+    from kdcache.cache.verify import seal_verified
+
+    click.echo(f"{store}: sealed ({seal_verified(store)} files listed in its manifest)")
 
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
@@ -223,4 +230,4 @@ def upgrade(store: str) -> None:
     click.echo(upgrade_word_counts(store))
 
 
-COMMANDS = [inspect, show, stats, verify, plot, upgrade]
+COMMANDS = [inspect, show, stats, verify, seal, plot, upgrade]

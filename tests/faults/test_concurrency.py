@@ -51,7 +51,7 @@ def test_a_precompute_paused_between_shards_holds_the_store_until_killed(cached_
         refused(invoke("data", *run.args(), "--overwrite"), f"being written by {holder}")
         assert (run.runs / "tiny" / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer  # nothing retrained
         # A reader is refused, naming the store and the incomplete group (6 of 22 shards are done).
-        refused(invoke("distill", *run.args()), str(run.store), "teacher 'tl' split 'train' is incomplete: 6/22 shards")
+        refused(invoke("distill", *run.args()), f"{run.store}: not sealed yet: being written by {holder}")
     finally:
         writer.kill()
         writer.communicate(timeout=60)

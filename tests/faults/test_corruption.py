@@ -5,6 +5,8 @@ line; `kdcache show` on the damaged position says so in one line. No traceback a
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -130,16 +132,48 @@ def test_verify_names_the_damaged_file(cached_run, tmp_path, damage):
     verify_names(store, damage(store))
 
 
-def test_verify_notes_a_store_without_a_manifest(cached_run, tmp_path):
-    """A store of an older kdcache: verified as before, the `ok` line says what was not checked."""
-    store = store_copy(cached_run, tmp_path)
+def test_a_store_whose_manifest_was_deleted_is_never_ok(fresh_run, tmp_path):
+    """Deleting kdcache.manifest does not switch the swap check off: verify says the store is unsealed (exit 1),
+    distill refuses it unless distill.allow_unsealed, and `kdcache seal` reseals it only after verifying it."""
+    store = fresh_run.store
     (store / MANIFEST).unlink()
-    result = invoke("verify", store)
-    assert result.exit_code == 0 and result.output.startswith(f"{store}: ok (no {MANIFEST}:"), result.output
+    foreign(store / T / f"tl/train/lse/{SHARD}", store / T / f"tg/train/lse/{SHARD}")  # every checksum still valid
+    output = verify_names(store, store / MANIFEST)
+    assert output.strip() == f"{store}/{MANIFEST}: missing: the store is not sealed (its writer stopped before " \
+        "sealing it, or the manifest was deleted), so shards swapped or replaced cannot be detected; rerun the " \
+        f"writer (kdcache precompute), or run `kdcache seal {store}`, which verifies every chunk first", output
+    refused(invoke("distill", *fresh_run.args()), f"{store}/{MANIFEST}: missing", "distill.allow_unsealed: true")
     flip_chunk(store / T / f"tl/train/topk_logits/{SHARD}", 8)
-    verify_names(store, store / T / f"tl/train/topk_logits/{SHARD}")
-    flip(store / T / "tg/train/complete/c/5", 0, 0x06)  # 1 -> 7: still "complete" to zarr's bool
-    verify_names(store, store / T / "tg/train/complete/c/5")
+    refused(invoke("seal", store), f"{store}: not sealed: verify found 1 problems",
+            f"{store / T / 'tl/train/topk_logits' / SHARD}: chunk 8 checksum mismatch")
+    assert not (store / MANIFEST).exists()
+    flip_chunk(store / T / f"tl/train/topk_logits/{SHARD}", 8)  # undone
+    result = invoke("seal", store)
+    assert result.exit_code == 0 and result.output.startswith(f"{store}: sealed ("), result.output
+    assert invoke("verify", store).output.strip() == f"{store}: ok"
+
+
+def test_verify_names_the_writer_of_an_unsealed_store(fresh_run):
+    """While a writer holds the store (here: a lock recorded by another live process), verify says so."""
+    store = fresh_run.store
+    (store / MANIFEST).unlink()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_AND_WAIT, str(store)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        output = verify_names(store)
+        assert output.strip().startswith(f"{store}: not sealed yet: being written by kdcache precompute (pid "), output
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+LOCK_AND_WAIT = """
+import sys, time
+from kdcache.cache.lock import lock_store
+lock = lock_store(sys.argv[1], "kdcache precompute")
+print("locked", flush=True)
+time.sleep(60)
+"""
 
 
 # distill: every shard of one array it reads is damaged, so that its first batch hits one, whatever it draws

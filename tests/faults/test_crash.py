@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from faultlib import Run, invoke
 from kdcache.cache.lock import DEBRIS, lock_path
 from kdcache.cache.manifest import MANIFEST, manifest_problems
+from kdcache.cache.storage import StoreFiles
 from kdcache.cache.schema import completed_shards, open_store
 from kdcache.config import run_paths
 
@@ -159,7 +160,7 @@ def test_precompute_killed_then_rerun_gives_the_uninterrupted_store(cached_run, 
     assert f"taking over the lock of kdcache precompute (pid {pid} " in result.stderr
     assert not debris(run.store) and not lock_path(run.store).exists()
     assert tree(run) == tree(cached_run)
-    assert manifest_problems(run.store) == []  # sealed again, listing every file and nothing else
+    assert manifest_problems(StoreFiles(run.store)) == []  # sealed again, listing every file and nothing else
 
 
 def test_teacher_training_killed_while_saving_a_checkpoint_resumes_from_the_last_complete_one(cached_run,
