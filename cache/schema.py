@@ -77,7 +77,7 @@ class CodecSettings:
 
 
 def ids_dtype(vocab_size: int) -> str:
-    """Token ids' dtype: uint16 while the ids fit it, else uint32 (large-vocabulary stores written before hold int32)."""
+    """Token ids' dtype: uint16 while the ids fit it, else uint32 (older large-vocabulary stores hold int32)."""
     return "uint16" if vocab_size <= 65536 else "uint32"
 
 
@@ -203,7 +203,8 @@ def create_sharded_array(
 def write_tokens(root: zarr.Group, split: str, tokens: np.ndarray, per_shard: int, codec: CodecSettings, vocab_size: int) -> None:
     tokens = tokens.astype(ids_dtype(vocab_size))
     # vocab_order: what the teachers' VOCAB_RANK arrays take as their order
-    attrs = {"digest": token_digest(tokens), "per_shard": per_shard, "vocab_order": vocab_order_attr(tokens, vocab_size)}
+    attrs = {"digest": token_digest(tokens), "per_shard": per_shard,
+             "vocab_order": vocab_order_attr(tokens, vocab_size)}
     group = root.require_group(TOKENS)
     arr = create_sharded_array(
         group, split, tokens.shape[0], tokens.shape[1], ArraySpec((), tokens.dtype.name, compress=False), per_shard, codec,

@@ -4,7 +4,7 @@ Each split becomes one token stream (lines in order, no `<s>`/`</s>` between the
 convention; every line starts with the trained tokenizer's prefix space, so words stay words), cut into
 sequences of `data.seq_len` at fixed boundaries: the teachers' targets are cached per position,
 so sequence i must mean the same tokens forever. The final partial sequence is dropped.
-A pretrained tokenizer has no prefix space to rely on: each line is encoded followed by "\n", as the corpus
+A pretrained tokenizer has no prefix space to rely on: each line is encoded followed by a newline, as the corpus
 files hold it, with the tokenizer's own normaliser and added tokens but no BOS/EOS between lines (the split is
 one running text); a corpus of which more than MAX_UNKNOWN_SHARE of the tokens are its unknown token is refused.
 Beside the tokens, `words/<split>` records each sequence's words (precompute/words.py: the BabyLM count).
@@ -144,7 +144,8 @@ def pretrained_vocab_size(cfg: Config, tokenizer: PreTrainedTokenizerFast) -> in
 
 
 def split_stream(cfg: Config, tokenizer: PreTrainedTokenizerFast, split: CorpusSplit) -> tuple[np.ndarray, np.ndarray]:
-    """One split's token stream and its words per token; a pretrained tokenizer's lines end with "\n", and its unknown tokens are counted."""
+    """One split's token stream and its words per token; a pretrained tokenizer's lines end with a newline and its
+    unknown tokens count."""
     if not cfg.tokenizer.pretrained:
         return encode_with_words(tokenizer.backend_tokenizer, split.lines)
     stream, token_words = encode_with_words(tokenizer.backend_tokenizer, [line + "\n" for line in split.lines])

@@ -59,6 +59,8 @@ def test_store_holds_the_pretrained_tokenizers_ids_beyond_uint16(hub):
     kdcache("verify", str(run / "cache.zarr"))  # exit 0
     stats = json.loads(kdcache("stats", str(run / "cache.zarr"), "--sample", "4", "--json"))
     assert "smollm2" in json.dumps(stats)
+    summary = json.loads(kdcache("inspect", str(run / "cache.zarr"), "--json"))
+    assert summary["vocab_size"] == PADDED_VOCAB and summary["teachers"]["smollm2"]["k"] == 64
 
 
 def test_show_decodes_ids_above_65535(hub):

@@ -10,7 +10,9 @@ import pytest
 import zarr
 
 from kdcache.cache import FORMAT_VERSION
-from kdcache.cache.schema import StoreError, write_tokens
+from kdcache.cache.schema import (
+    TOKENS, ArraySpec, CodecSettings, StoreError, create_sharded_array, create_store, token_digest, write_tokens,
+)
 from kdcache.cache.manifest import seal_store, unsealed
 from kdcache.cache.verify import verify_store
 from test_reader import LZ4, NONE, PER_SHARD, SEQ_LEN, DEFAULT, array_dir, build_store, flip
@@ -184,3 +186,19 @@ def test_a_store_at_an_fsspec_url_is_verified_like_a_local_one():
     root["teachers/alpha/train/lse"][:PER_SHARD] = 1.5  # a whole-shard rewrite the manifest does not list
     assert verify_store(url) == [f"{url}/teachers/alpha/train/lse/c/0/0/0: differs from the store's manifest "
                                  "(damaged, or replaced after the store was written)"]
+
+
+def test_a_large_vocabulary_store_written_with_int32_ids_still_verifies(tmp_path):
+    """Before uint32, ids past 65,536 were stored as int32 without kdcache.vocab_rank: read as their metadata says."""
+    store = tmp_path / "s.zarr"
+    root = create_store(str(store), {"seq_len": 4, "vocab_size": 70_000, "tokenizer_sha256": "x",
+                                     "special_ids": {"pad": 0, "bos": 1, "eos": 2}})
+    tokens = np.random.default_rng(0).integers(0, 70_000, (3, 4)).astype(np.int32)
+    array = create_sharded_array(root.require_group(TOKENS), "train", 3, 4, ArraySpec((), "int32", compress=False),
+                                 2, CodecSettings(), attrs={"digest": token_digest(tokens), "per_shard": 2})
+    array[...] = tokens
+    assert checks(store) == []
+    tokens[0, 0] = 80_000
+    array[...] = tokens
+    array.attrs["digest"] = token_digest(tokens)
+    assert checks(store) == ["tokens/train: token ids outside [0, 70000) (shards [0])"]

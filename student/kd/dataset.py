@@ -16,7 +16,7 @@ from kdcache.student.kd.plan import KDPlan
 
 class DistillDataset(Dataset):
     """One split of a store as {"input_ids", "<group>/<array>"} tensors: the arrays `plan` names, in their stored
-    dtypes except ids and counts (int32: torch has few uint16/uint32 kernels) and lse (its column at the plan's temperature).
+    dtypes except ids and counts (int32: torch has few uint kernels) and lse (its column at the plan's temperature).
 
     `expect` ({"tokenizer_sha", "vocab_size", "seq_len"}) is checked against the store before anything is read.
     Give a DataLoader `collate_fn=dataset.collate`: batches are fetched whole (see `__getitems__`).
@@ -45,7 +45,7 @@ class DistillDataset(Dataset):
     def _convert(self, key: str, value: np.ndarray) -> Tensor:
         if key.endswith("/lse"):
             value = value[..., self.plan.temperature_index[key.split("/")[0]]]
-        elif value.dtype in (np.uint16, np.uint32):  # torch has few unsigned kernels; ids (< 2**31) and counts fit int32
+        elif value.dtype in (np.uint16, np.uint32):  # few unsigned kernels in torch; ids (< 2**31), counts fit int32
             value = value.astype(np.int32)
         tensor = torch.from_numpy(np.ascontiguousarray(value))
         return tensor.long() if key == "input_ids" else tensor

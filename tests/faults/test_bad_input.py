@@ -247,7 +247,8 @@ def test_a_vocab_size_that_disagrees_with_the_tokenizer_leaves_the_store_unchang
     edit_config(run, {"tokenizer.vocab_size": SMALL_IDS - 1})
     refused(config, "data", "tokenizer.vocab_size 1999 is smaller than the ids of the tokenizer", "(0..1999)")
     edit_config(run, {"tokenizer.vocab_size": SMALL_IDS + 64})
-    refused(config, "data", f"tokenizer.vocab_size {SMALL_IDS + 64} disagrees with", f"config.json vocab_size {SMALL_IDS}")
+    refused(config, "data", f"tokenizer.vocab_size {SMALL_IDS + 64} disagrees with",
+            f"config.json vocab_size {SMALL_IDS}")
     assert (tree(run.store), tree(run.store.parent / "tokenizer")) == before
 
 
