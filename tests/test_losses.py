@@ -366,7 +366,9 @@ def test_kd_loss_reads_a_dataset_batch_by_the_plan():
     got, terms = KDLoss(plan, chunk_positions=4)(logits, batch)
 
     want, want_terms = distillation_loss(logits, input_ids, [tail], 0.3, 2.0)
-    assert torch.equal(got, want) and terms.keys() == want_terms.keys()
+    # other chunks sum in another order: equal to float32 rounding, not bit for bit (1 torch thread differs)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert terms.keys() == want_terms.keys()
 
 
 class _ArgmaxForm(KDForm):
