@@ -25,7 +25,7 @@ import numpy as np
 
 from kdcache.cache import FORMAT_VERSION
 from kdcache.cache.layout import CRC_BYTES, EMPTY, ShardLayout, local_path, parse_layout
-from kdcache.cache.schema import COMPLETE, TEACHERS, TOKENS, StoreError
+from kdcache.cache.schema import COMPLETE, TEACHERS, TOKENS, WORDS, StoreError
 from kdcache.files import atomic_write
 
 MANIFEST = "kdcache.manifest"
@@ -131,8 +131,8 @@ def check_documents(directory: Path, entries: Entries, split: str, teachers: lis
     `teachers` depends on and that is missing, unlisted, or differs from the manifest (a teacher or split the
     store lacks altogether is left to the reader's own checks)."""
     teachers = [teacher for teacher in teachers if (directory / TEACHERS / teacher).is_dir()]
-    groups = [f"{TOKENS}/{split}"] + [f"{TEACHERS}/{teacher}/{split}" for teacher in teachers]
-    tops = [META, f"{TOKENS}/{META}"] + ([f"{TEACHERS}/{META}"] if teachers else [])
+    groups = [f"{TOKENS}/{split}", f"{WORDS}/{split}"] + [f"{TEACHERS}/{teacher}/{split}" for teacher in teachers]
+    tops = [META, f"{TOKENS}/{META}", f"{WORDS}/{META}"] + ([f"{TEACHERS}/{META}"] if teachers else [])
     tops += [f"{TEACHERS}/{teacher}/{META}" for teacher in teachers] + [f"{group}/{META}" for group in groups]
     below = sorted(rel for rel in entries for group in groups if rel.startswith(f"{group}/")
                    and (_is_meta(rel) or rel.startswith(f"{group}/{COMPLETE}/")))

@@ -35,6 +35,7 @@ from kdcache.cache.codecs import SORTED_KEY_DELTA, VOCAB_RANK, ArrayTransform, S
 from kdcache.errors import KdcacheError
 
 TOKENS = "tokens"
+WORDS = "words"  # optional words per sequence beside the tokens (kdcache.cache.words)
 TEACHERS = "teachers"
 COMPLETE = "complete"
 ENSEMBLE = "ensemble"  # the teacher group holding the top-k of the teachers' mean logits (cache.ensemble)
