@@ -115,10 +115,10 @@ def test_bad_word_settings_are_refused_before_step_one(fresh_run, changes, needl
 
 def test_a_teacher_over_the_budget_is_refused_before_any_teacher_trains(fresh_run):
     run = edit_config(fresh_run, {"babylm": {"track": "strict-small"}, "teachers.1.train.max_steps": None,
-                                  "teachers.1.train.epochs": 5000})
+                                  "teachers.1.train.epochs": 10_000})
     teachers = run_paths(run.cfg, run.runs).root / "teachers"
     before = files(teachers)
-    user_error(invoke("teachers", *run.args()), "teachers[1].train.epochs 5000 makes teacher tg see ",
+    user_error(invoke("teachers", *run.args()), "teachers[1].train.epochs 10000 makes teacher tg see ",
                "over the strict-small track's 100,000,000 (babylm.track); lower teachers[1].train.epochs")
     assert files(teachers) == before
 
