@@ -6,6 +6,7 @@ open and check stores through it.
 
     cache.zarr/                       root attrs: format_version, seq_len, vocab_size, tokenizer_sha256, ...
       tokens/<split>                  [N, L] token ids
+      words/<split>                   [N] uint32 words per sequence (optional: kdcache.cache.words)
       teachers/<name>/                attrs: teacher identity, k, temperatures, layers, dtypes, modes
         <split>/topk_logits           [N, L, k] float16, sorted descending (temperature 1; kdcache.sorted_key_delta)
         <split>/topk_ids              [N, L, k] uint16 (kdcache.vocab_rank) | int32

@@ -172,3 +172,15 @@ def test_damaged_word_counts_are_one_line_and_verify_names_the_file(fresh_run, f
     assert untrained(fresh_run)
     result = invoke("verify", str(fresh_run.store))
     assert result.exit_code == 1 and f"{path}: differs from the store's manifest" in result.output
+
+
+def test_a_resume_names_a_passed_count_that_no_directory_holds(scheduled, tmp_path):
+    """A count passed before the resumed step is never saved again from other weights: the resume says so."""
+    shutil.copytree(scheduled.runs, tmp_path / "runs")
+    (tmp_path / "tiny.yaml").write_text(scheduled.config.read_text().replace(str(scheduled.runs), str(tmp_path / "runs")))
+    run = Run(tmp_path / "tiny.yaml", tmp_path / "runs")
+    shutil.rmtree(run_paths(run.cfg, run.runs).student / "checkpoints" / "chck_400")
+    result = invoke("distill", *run.args(), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming at step 12, past the words of chck_400, which no directory holds" in result.output
+    assert "chck_400" not in word_checkpoints(run)
