@@ -28,7 +28,7 @@ import numpy as np
 from kdcache.cache import FORMAT_VERSION
 from kdcache.cache.layout import CRC_BYTES, EMPTY, ShardLayout, layout_from_json
 from kdcache.cache.lock import live_writer
-from kdcache.cache.schema import COMPLETE, TEACHERS, TOKENS, StoreError
+from kdcache.cache.schema import COMPLETE, TEACHERS, TOKENS, WORDS, StoreError
 from kdcache.cache.storage import StoreFiles
 
 MANIFEST = "kdcache.manifest"
@@ -152,8 +152,8 @@ def check_documents(files: StoreFiles, entries: Entries, split: str, teachers: l
     `teachers` depends on and that is missing, unlisted, or differs from the manifest (a teacher or split the
     store lacks altogether is left to the reader's own checks)."""
     teachers = [teacher for teacher in teachers if files.has_folder(f"{TEACHERS}/{teacher}")]
-    groups = [f"{TOKENS}/{split}"] + [f"{TEACHERS}/{teacher}/{split}" for teacher in teachers]
-    tops = [META, f"{TOKENS}/{META}"] + ([f"{TEACHERS}/{META}"] if teachers else [])
+    groups = [f"{TOKENS}/{split}", f"{WORDS}/{split}"] + [f"{TEACHERS}/{teacher}/{split}" for teacher in teachers]
+    tops = [META, f"{TOKENS}/{META}", f"{WORDS}/{META}"] + ([f"{TEACHERS}/{META}"] if teachers else [])
     tops += [f"{TEACHERS}/{teacher}/{META}" for teacher in teachers] + [f"{group}/{META}" for group in groups]
     below = sorted(rel for rel in entries for group in groups if rel.startswith(f"{group}/")
                    and (_is_meta(rel) or rel.startswith(f"{group}/{COMPLETE}/")))

@@ -6,6 +6,7 @@ open and check stores through it.
 
     cache.zarr/                       root attrs: format_version, seq_len, vocab_size, tokenizer_sha256, ...
       tokens/<split>                  [N, L] token ids
+      words/<split>                   [N] uint32 words per sequence (optional: kdcache.cache.words)
       teachers/<name>/                attrs: teacher identity, k, temperatures, layers, dtypes, modes
         <split>/topk_logits           [N, L, k] float16, sorted descending (temperature 1; kdcache.sorted_key_delta)
         <split>/topk_ids              [N, L, k] uint16 | uint32 (kdcache.vocab_rank)
@@ -35,6 +36,7 @@ from kdcache.cache.codecs import SORTED_KEY_DELTA, VOCAB_RANK, ArrayTransform, S
 from kdcache.errors import KdcacheError
 
 TOKENS = "tokens"
+WORDS = "words"  # optional words per sequence beside the tokens (kdcache.cache.words)
 TEACHERS = "teachers"
 COMPLETE = "complete"
 ENSEMBLE = "ensemble"  # the teacher group holding the top-k of the teachers' mean logits (cache.ensemble)

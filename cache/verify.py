@@ -28,9 +28,9 @@ from kdcache.cache.manifest import (
 )
 from kdcache.cache.reader import ShardedArrayReader
 from kdcache.cache.storage import StoreFiles
-from kdcache.cache.words import WORDS, read_word_counts
+from kdcache.cache.words import read_word_counts
 from kdcache.cache.schema import (
-    COMPLETE, TEACHERS, TOKENS, ArraySpec, StoreError, ids_dtype, num_shards, open_store,
+    COMPLETE, TEACHERS, TOKENS, WORDS, ArraySpec, StoreError, ids_dtype, num_shards, open_store,
     read_tokens, shard_range, splits, teacher_array_specs, teacher_names, token_digest,
 )
 

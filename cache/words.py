@@ -14,9 +14,7 @@ from zarr.codecs import Crc32cCodec
 from kdcache.cache.layout import local_path
 from kdcache.cache.lock import lock_store
 from kdcache.cache.manifest import seal_store, unseal_store
-from kdcache.cache.schema import TOKENS, StoreError, open_store
-
-WORDS = "words"
+from kdcache.cache.schema import TOKENS, WORDS, StoreError, open_store
 CONVENTION = ("whitespace-separated words of the cleaned text; a word counts in the sequence holding its first "
               "token")
 
@@ -50,11 +48,14 @@ def has_word_counts(root: zarr.Group, split: str) -> bool:
 def read_word_counts(root: zarr.Group, split: str) -> np.ndarray | None:
     """Words per sequence of `split` as int64, checked against the token split and their recorded total; None for a
     store that has none (written before kdcache counted words)."""
-    if not has_word_counts(root, split):
-        return None
-    array = root[f"{WORDS}/{split}"]
-    counts = array[...].astype(np.int64)
-    expected = array.attrs.get("words", -1) - array.attrs.get("dropped_words", 0)
+    try:
+        if not has_word_counts(root, split):
+            return None
+        array = root[f"{WORDS}/{split}"]
+        counts = array[...].astype(np.int64)
+        expected = array.attrs.get("words", -1) - array.attrs.get("dropped_words", 0)
+    except Exception as e:  # noqa: BLE001 - what zarr raises on a damaged chunk or document varies
+        raise StoreError(f"{root.store}: {WORDS}/{split} cannot be read ({e.__class__.__name__}: {e})") from None
     n = root[f"{TOKENS}/{split}"].shape[0]
     if counts.shape != (n,) or int(counts.sum()) != expected:
         raise StoreError(f"{root.store}: {WORDS}/{split} holds {counts.shape[0]} counts summing to {counts.sum()}, "

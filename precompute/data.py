@@ -28,7 +28,7 @@ from kdcache.cache.manifest import MANIFEST, seal_store
 from kdcache.cache.storage import StoreFiles
 from kdcache.config import Config, RunPaths, run_paths
 from kdcache.cache.schema import StoreError
-from kdcache.cache.words import WORDS, write_word_counts
+from kdcache.cache.words import write_word_counts
 from kdcache.files import staged
 from kdcache.precompute.corpus import CorpusError, CorpusSplit, build_corpus
 from kdcache.precompute.tokenizer import (
@@ -163,7 +163,7 @@ def data_summary(paths: RunPaths) -> str:
     root = schema.open_store(str(paths.store))
     lines = []
     for split in SPLITS:
-        arr, words = root[f"{schema.TOKENS}/{split}"], root[f"{WORDS}/{split}"].attrs
+        arr, words = root[f"{schema.TOKENS}/{split}"], root[f"{schema.WORDS}/{split}"].attrs
         lines.append(f"{split}: {arr.attrs['lines']:,} lines, {words['words']:,} words, {arr.attrs['tokens']:,} tokens "
                      f"-> {arr.shape[0]:,} sequences of {arr.shape[1]} ({arr.attrs['dropped_tokens']} tokens, "
                      f"{words['dropped_words']} words dropped)")

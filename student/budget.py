@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcache.cache import schema
+from kdcache.cache.manifest import checked_manifest
 from kdcache.cache.schema import StoreError
-from kdcache.cache.words import WORDS, read_word_counts
+from kdcache.cache.words import read_word_counts
 from kdcache.config import Config, TrainConfig, run_paths
 from kdcache.student.checkpoint import TrainError
 from kdcache.student.loop import total_steps
@@ -66,6 +67,7 @@ def check_word_budget(cfg: Config, runs_root: str | Path, models: list[PlannedMo
     """The words each model will see (None when the store records no words); a run over the track's limits, or a
     word schedule it cannot follow, is refused before anything is trained or written."""
     store = run_paths(cfg, runs_root).store
+    checked_manifest(store, "train", [])  # a damaged token or words document is named before zarr reads it
     root = schema.open_store(str(store))
     words = read_word_counts(root, "train")
     track = cfg.babylm.track
@@ -80,7 +82,7 @@ def check_word_budget(cfg: Config, runs_root: str | Path, models: list[PlannedMo
     if track == "none":
         return seen
     corpus_limit, seen_limit = TRACK_LIMITS[track]
-    corpus = root[f"{WORDS}/train"].attrs["words"]
+    corpus = root[f"{schema.WORDS}/train"].attrs["words"]
     if corpus > corpus_limit:
         raise TrainError(f"{cfg.source_path}: the train split holds {corpus:,} words, over the {track} track's "
                          f"{corpus_limit:,}-word corpus (babylm.track); use the track's corpus, or another track")

@@ -26,7 +26,7 @@ def model_curve(model_dir: str | Path, *, store: str | Path | None, pair_dirs: l
     """The curve of one trained model: each of its run's chck_* directories in order of words, then the final model,
     all scored with the same settings. Empty when the run saved no checkpoint by words."""
     run_dir = Path(model_dir).parent
-    checkpoints = word_checkpoints(run_dir)
+    checkpoints = word_checkpoints(run_dir) if Path(model_dir).name == "model" else []  # a hub id has no run
     scored = [(directory.name, directory) for _, directory in checkpoints]
     points = []
     for label, directory in scored + [("final", Path(model_dir))] if scored else []:

@@ -162,6 +162,12 @@ def train(
         DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     micro_batches = iter(step_loader(dataset, cfg, d, seed, start, total, collate_fn))
     params = [p for p in module.parameters() if p.requires_grad]
+    if d.main and word_plan is not None:  # counts passed before the resumed step whose directory is not there
+        lost = [checkpoint_name(c) for c in word_plan.saved_before(start)
+                if not (out_dir / "checkpoints" / checkpoint_name(c)).is_dir()]
+        if lost:
+            print(f"{out_dir}: resuming at step {start}, past the words of {', '.join(lost)}, which no directory holds "
+                  f"(save_at_words changed, or deleted): they are not saved again")
     if d.main and start < total:
         print(f"{out_dir}: {count_parameters(model):,} parameters, steps {start} -> {total}, "
               f"batch {cfg.batch_size} = {d.world} ranks x {cfg.grad_accum} accum x "

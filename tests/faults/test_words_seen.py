@@ -115,10 +115,10 @@ def test_bad_word_settings_are_refused_before_step_one(fresh_run, changes, needl
 
 def test_a_teacher_over_the_budget_is_refused_before_any_teacher_trains(fresh_run):
     run = edit_config(fresh_run, {"babylm": {"track": "strict-small"}, "teachers.1.train.max_steps": None,
-                                  "teachers.1.train.epochs": 100_000})
+                                  "teachers.1.train.epochs": 10_000})
     teachers = run_paths(run.cfg, run.runs).root / "teachers"
     before = files(teachers)
-    user_error(invoke("teachers", *run.args()), "teachers[1].train.epochs 100000 makes teacher tg see ",
+    user_error(invoke("teachers", *run.args()), "teachers[1].train.epochs 10000 makes teacher tg see ",
                "over the strict-small track's 100,000,000 (babylm.track); lower teachers[1].train.epochs")
     assert files(teachers) == before
 
@@ -157,3 +157,30 @@ def test_export_submission_writes_one_folder_per_branch_and_the_upload_lines(sch
         assert AutoModelForCausalLM.from_pretrained(out / name).config.vocab_size == 400
     refused = invoke("export", "--submission", str(out), str(scheduled.runs / "tiny"))
     user_error(refused, f"{out}: exists")
+
+
+@pytest.mark.parametrize("file, at, needle", [
+    ("words/train/zarr.json", b'"words": ', "zarr.json: differs from the store's manifest"),  # an attribute digit
+    ("words/train/c/0", None, "words/train cannot be read"),  # chunk data: its crc32c
+], ids=["attribute", "chunk"])
+def test_damaged_word_counts_are_one_line_and_verify_names_the_file(fresh_run, file, at, needle):
+    path = fresh_run.store / file
+    data = bytearray(path.read_bytes())
+    data[data.index(at) + len(at) + 1 if at else len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    user_error(invoke("distill", *fresh_run.args()), needle)
+    assert untrained(fresh_run)
+    result = invoke("verify", str(fresh_run.store))
+    assert result.exit_code == 1 and f"{path}: differs from the store's manifest" in result.output
+
+
+def test_a_resume_names_a_passed_count_that_no_directory_holds(scheduled, tmp_path):
+    """A count passed before the resumed step is never saved again from other weights: the resume says so."""
+    shutil.copytree(scheduled.runs, tmp_path / "runs")
+    (tmp_path / "tiny.yaml").write_text(scheduled.config.read_text().replace(str(scheduled.runs), str(tmp_path / "runs")))
+    run = Run(tmp_path / "tiny.yaml", tmp_path / "runs")
+    shutil.rmtree(run_paths(run.cfg, run.runs).student / "checkpoints" / "chck_400")
+    result = invoke("distill", *run.args(), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming at step 12, past the words of chck_400, which no directory holds" in result.output
+    assert "chck_400" not in word_checkpoints(run)
