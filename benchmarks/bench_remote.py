@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench_reader import ARRAYS, BATCH, standalone, throughput
 from benchlib import SPLIT, Section, Table
-from kdcache.cache.manifest import is_unsealed, seal_store
+from kdcache.cache.manifest import fingerprint_of, is_unsealed, read_manifest, seal_store, store_files
 from kdcache.cache.schema import TOKENS, open_store
 from kdcache.cache.storage import StoreFiles
 from kdcache.student.kd import DistillDataset, KDPlan
@@ -73,10 +73,8 @@ def cold_fetch(url: str, concurrency: int, cache: Path) -> tuple[float, int, int
     os.environ["KDCACHE_SHARD_CACHE"] = str(cache)
     os.environ["KDCACHE_FETCH_CONCURRENCY"] = str(concurrency)
     files = StoreFiles(url)
-    from kdcache.cache.manifest import fingerprint_of, read_manifest, _files
-
     listed = read_manifest(files)
-    wanted = {rel: (listed[rel], fingerprint_of(layout)) for rel, layout, _ in _files(files) if layout is not None}
+    wanted = {rel: (listed[rel], fingerprint_of(layout)) for rel, layout, _ in store_files(files) if layout is not None}
     start = time.perf_counter()
     files.prefetch(wanted)
     seconds = time.perf_counter() - start

@@ -30,7 +30,7 @@ from benchlib import (
 from kdcache.cache.codecs import ArrayTransform, decode_sorted_key_delta, encode_sorted_key_delta
 from kdcache.config import ModelConfig, TrainConfig, load_config
 from kdcache.cache.encoder import encode_shard
-from kdcache.cache.reader import parse_layout
+from kdcache.cache.layout import parse_layout
 from kdcache.cache.schema import TEACHERS, StoreError, num_shards, open_store, shard_range
 from kdcache.precompute.data import prepare_data
 from kdcache.precompute.run import precompute_targets

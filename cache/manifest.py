@@ -76,7 +76,7 @@ def seal_problems(store: str | os.PathLike) -> list[str]:
 def seal_store(store: str | os.PathLike) -> None:
     """Write the store's manifest: call once every write is done."""
     files = StoreFiles(store)
-    lines = [f"{file_digest(files, rel, layout)} {rel}\n" for rel, layout, _ in _files(files)]
+    lines = [f"{file_digest(files, rel, layout)} {rel}\n" for rel, layout, _ in store_files(files)]
     body = HEADER + "".join(lines).encode()
     files.write(MANIFEST, body + _trailer(body))
 
@@ -111,7 +111,7 @@ def manifest_problems(files: StoreFiles) -> list[str] | None:
         return [str(e)]
     if entries is None:
         return None
-    found = {rel: (layout, meta) for rel, layout, meta in _files(files)}
+    found = {rel: (layout, meta) for rel, layout, meta in store_files(files)}
     problems = [missing(files.name(rel)) for rel in sorted(entries.keys() - found.keys())]
     problems += [unlisted(files.name(rel)) for rel in sorted(found.keys() - entries.keys())]
     common = sorted(entries.keys() & found.keys())
@@ -217,7 +217,7 @@ def _is_meta(rel: str) -> bool:
     return rel == META or rel.endswith(f"/{META}")
 
 
-def _files(files: StoreFiles) -> Iterator[tuple[str, ShardLayout | None, str | None]]:
+def store_files(files: StoreFiles) -> Iterator[tuple[str, ShardLayout | None, str | None]]:
     """Every file of the store but the manifest, sorted by path: (relative path, the sharded layout it is a shard
     of or None, the relative path of that array's zarr.json or None)."""
     listing = sorted(rel for rel in files.files() if rel != MANIFEST)

@@ -33,8 +33,21 @@ class StoreFiles:
     def __init__(self, store: str | os.PathLike, cache: ShardCache | None = None):
         self.store = str(store).rstrip("/")
         self.directory = local_path(store)
-        self.fs, self.root = (None, None) if self.directory else fsspec.core.url_to_fs(self.store)
+        self._fs, self.root = (None, None) if self.directory else fsspec.core.url_to_fs(self.store)
+        self._pid = os.getpid()
         self.cache = cache if cache is not None or self.directory else ShardCache.from_env()
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem | None:
+        """The remote filesystem of this process: a forked DataLoader worker (or a spawned one, which receives
+        none) makes its own, as an async filesystem's event loop cannot cross a fork."""
+        if self.directory is None and (self._fs is None or self._pid != os.getpid()):
+            self._fs = fsspec.core.url_to_fs(self.store, skip_instance_cache=True)[0]
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None}
 
     @property
     def local(self) -> bool:

@@ -8,6 +8,7 @@ import pickle
 import re
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -319,9 +320,16 @@ class MapsOwner(torch.utils.data.Dataset):
         return {**item, "own_maps": all(r._pid == os.getpid() for r in self.reader.readers.values())}
 
 
-def test_dataloader_with_fork_workers(tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_dataloader_with_fork_workers(tmp_path, where, request):
+    """The parent's maps (and, on S3, its filesystem client, whose event loop cannot cross a fork) stay behind."""
     store = tmp_path / "cache.zarr"
     written = build_store(store)
+    if where == "s3":
+        seal_store(store)
+        url = f"{request.getfixturevalue('s3')}/reader-fork/cache.zarr"
+        fsspec.filesystem("s3").put(str(store), url, recursive=True)
+        store = url
     reader = StoreReader(store, teachers=["alpha"], arrays={"alpha": ["topk_logits", "topk_ids", "hidden_1"]})
     reader.batch(list(range(N)))  # the parent maps every shard before forking
     loader = DataLoader(MapsOwner(reader), batch_size=3, num_workers=2, multiprocessing_context="fork",

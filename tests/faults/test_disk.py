@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from faultlib import invoke
+from kdcache.cache.manifest import unsealed
 from test_concurrency import refused
 from test_crash import debris, tree, without_teachers
 
@@ -48,7 +49,8 @@ def test_a_full_disk_stops_precompute_cleanly_and_a_rerun_with_space_completes_i
     verified = invoke("verify", str(store))
     assert verified.exit_code == 1, verified.output
     problems = [line for line in verified.output.splitlines() if not line.startswith("note: ")]
-    assert problems and all(": incomplete: " in line for line in problems), verified.output
+    assert problems[0] == unsealed(str(store)), verified.output  # the writer stopped before sealing it
+    assert problems[1:] and all(": incomplete: " in line for line in problems[1:]), verified.output
 
     assert mount("-o", "remount,size=64m", str(small_disk)).returncode == 0
     result = invoke("precompute", *args)
