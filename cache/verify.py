@@ -4,7 +4,7 @@ Checked: every shard file of every complete shard is present with a valid index 
 decodes to the right size (chunk bytes carry a checksum only when the inner codec chain ends in crc32c; without
 one, most flipped bytes in a compressed chunk decode silently to other values); shapes and dtypes against
 `kdcache.cache.schema`; completeness; NaN/inf in float arrays; ids inside the vocabulary; top-k sorted
-descending; sample counts summing to `samples`; `complete` records of 0 or 1; and the attributes that tie it
+descending; sample counts summing to `samples`; a cross-tokenizer group's ragged layout (cache.xtok); `complete` records of 0 or 1; and the attributes that tie it
 together (format version, tokenizer, token digests, `k`, temperatures). First, every file against the store's
 manifest (`kdcache.cache.manifest`), or without one, every zarr.json for valid JSON: a damaged file is named
 before zarr parses it, and what zarr then fails to read is one line, never an exception.
@@ -25,6 +25,7 @@ from kdcache.cache import FORMAT_VERSION
 from kdcache.cache.layout import local_path
 from kdcache.cache.manifest import MANIFEST, manifest_problems
 from kdcache.cache.reader import ShardedArrayReader
+from kdcache.cache.xtok import ALIGN, axis_lengths, is_cross, ragged_problem, xtok_array_specs
 from kdcache.cache.schema import (
     COMPLETE, TEACHERS, TOKENS, ArraySpec, StoreError, ids_dtype, num_shards, open_store,
     read_tokens, shard_range, splits, teacher_array_specs, teacher_names, token_digest,
@@ -146,6 +147,8 @@ def _verify_teacher_split(root: zarr.Group, directory: Path, teacher: str, split
         missing = np.flatnonzero(~done).tolist()
         problems.append(f"{path}: incomplete: {int(done.sum())}/{done.size} shards complete (not: {missing})")
     have = set(group.array_keys())
+    if is_cross(attrs):
+        return problems + _verify_cross_split(directory, path, group, attrs, root.attrs["seq_len"], done)
     hidden = {int(name.removeprefix("hidden_")): group[name].shape[-1] for name in have
               if name.startswith("hidden_") and not name.endswith("_scale")}
     specs = teacher_array_specs(attrs["k"], root.attrs["vocab_size"], len(attrs["temperatures"]),
@@ -155,6 +158,32 @@ def _verify_teacher_split(root: zarr.Group, directory: Path, teacher: str, split
     for name in sorted(set(specs) & have):
         checks = _value_checks(name, specs[name], root.attrs["vocab_size"], attrs.get("samples", 0))
         problems += _verify_array(directory, f"{path}/{name}", (n, seq_len), specs[name], done, checks)
+    return problems
+
+
+def _verify_cross_split(directory: Path, path: str, group: zarr.Group, attrs: dict[str, Any], seq_len: int,
+                        done: np.ndarray) -> list[str]:
+    """A cross-tokenizer split (cache.xtok): its arrays on the teacher's token axis or the run's, teacher ids inside
+    the teacher's vocabulary, and the ragged layout (byte ends, alignment) of every complete shard."""
+    missing = [key for key in ("teacher_len", "teacher_vocab_size", "vocab_map") if key not in attrs]
+    if missing:
+        return [f"{path}: cross-tokenizer attributes {missing} missing"]
+    vocab, n = attrs["teacher_vocab_size"], group.attrs.get("num_sequences", 0)
+    specs, lengths = xtok_array_specs(attrs["k"], vocab, len(attrs["temperatures"])), axis_lengths(attrs)
+    have = set(group.array_keys())
+    problems = [f"{path}: array {name!r} missing" for name in sorted(specs) if name not in have]
+    for name in sorted(set(specs) & have):
+        checks = _value_checks(name.removeprefix("t_"), specs[name], vocab, 0) + (
+            [_ids_below(vocab)] if name == "t_tokens" else [])
+        problems += _verify_array(directory, f"{path}/{name}", (n, lengths.get(name, seq_len)), specs[name], done,
+                                  checks)
+    if problems:
+        return problems
+    ends, align = (ShardedArrayReader(directory / path / name) for name in ("t_byte_end", ALIGN))
+    for shard in np.flatnonzero(done).tolist():
+        rows = shard_range(shard, n, ends.per_shard)
+        if what := ragged_problem(ends.read_sequences(rows), align.read_sequences(rows)):
+            problems.append(f"{path}: {what} (shard {shard})")
     return problems
 
 

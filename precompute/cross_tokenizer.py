@@ -2,8 +2,8 @@
 per teacher token.
 
 For every stored sequence, the exact bytes of its run tokens are decoded as UTF-8 and encoded by the teacher's
-tokenizer; the teacher's tokens must give back the same bytes (a leading space its pre-tokenizer adds is allowed
-and counted in its first token). A sequence whose bytes do not survive (not UTF-8 at a cut, or changed by the
+tokenizer; the teacher's tokens must give back the same bytes (a leading space its pre-tokenizer adds is allowed:
+counted in its first token, or dropped when it is a token of its own). A sequence whose bytes do not survive (not UTF-8 at a cut, or changed by the
 teacher's normaliser) is kept with no teacher tokens; more than ROUNDTRIP_LIMIT of a split refuses the teacher.
 The teacher then runs on its own tokens, and its top-k, logsumexps and the logit of its actual next token are
 stored per teacher token, with `align` mapping each run position to the teacher token ending at the same byte
@@ -117,8 +117,10 @@ def retokenize(tokens: np.ndarray, run_bytes: list[bytes], teacher: Tokenizer, t
             ids.append(np.zeros(0, np.int64))
             ends.append(np.zeros(0, np.int32))
             continue
-        end = np.cumsum([len(teacher_bytes[i]) for i in encoding.ids]) - shift
-        ids.append(np.array(encoding.ids, dtype=np.int64))
+        own = encoding.ids[1:] if shift and teacher_bytes[encoding.ids[0]] == b" " else encoding.ids
+        shift = shift if len(own) == len(encoding.ids) else 0  # the added space was a token alone: dropped
+        end = np.cumsum([len(teacher_bytes[i]) for i in own]) - shift
+        ids.append(np.array(own, dtype=np.int64))
         ends.append(end.astype(np.int32))
         at = np.searchsorted(end, run_ends[n]).clip(max=len(end) - 1)
         align[n] = np.where(end[at] == run_ends[n], at, NO_MATCH)
