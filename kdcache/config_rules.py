@@ -70,6 +70,8 @@ def validate(cfg: Config) -> None:
          f"distill.temperature {cfg.distill.temperature} != cache.sample_temperature {cfg.cache.sample_temperature}: "
          "form 'sampled' trains on draws made at cache.sample_temperature, so the two must agree"),
         (len(set(cfg.study.seeds)) == len(cfg.study.seeds), "study.seeds must be distinct"),
+        (not any(t.pretrained and t.tokenizer for t in cfg.teachers),
+         "teachers[].tokenizer trains a teacher's own tokenizer; a pretrained teacher brings its own (drop one)"),
         (bool(cfg.study.seeds) or not cfg.study.variants, "study.seeds must list at least one seed"),
         (0 <= cfg.cache.codec.clevel <= 9, f"cache.codec.clevel must be in 0..9, got {cfg.cache.codec.clevel}"),
     ]

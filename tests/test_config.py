@@ -84,7 +84,7 @@ def test_env_in_a_non_string_value_is_read_as_yaml(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("name: x\ndistill: {form: magic}\n", "distill.form: 'magic' is not one of ['renorm', 'sampled', 'seed_exact', 'tail']"),
+    ("name: x\ndistill: {form: magic}\n", "distill.form: 'magic' is not one of ['renorm', 'sampled', 'seed_exact', 'tail', 'xtok_chunk', 'xtok_match']"),
     ("name: x\nstudy: {variants: {v: {distill: {form: tial}}}}\n", "study.variants.v.distill.form: 'tial' is not one of"),
 ])
 def test_an_unknown_kd_form_is_refused_when_the_cli_loads_the_config(tmp_path, text, expected):

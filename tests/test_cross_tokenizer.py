@@ -17,12 +17,13 @@ from tokenizers import Tokenizer, normalizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from helpers_train import TINY_LLAMA, blimp_lines, make_run, make_tokenizer, tiny_train
-from kdcache.cache.schema import open_store
+from kdcache.cache.schema import open_store, sha256_file
 from kdcache.cache.verify import verify_store
 from kdcache.cache.xtok import ragged_problem
 from kdcache.cli import main
-from kdcache.config import CacheConfig, DistillConfig, TeacherConfig, load_config, run_paths
+from kdcache.config import CacheConfig, DistillConfig, TeacherConfig, TeacherTokenizerConfig, load_config, run_paths
 from kdcache.precompute.cross_tokenizer import token_bytes
+from kdcache.precompute.teacher_training import train_teacher
 
 OWN_VOCAB = 400  # the run's tokenizer has helpers_train.VOCAB = 320
 
@@ -167,3 +168,23 @@ def test_a_tokenizer_that_changes_the_text_is_refused_with_the_share(run, tmp_pa
     out = kdcache("precompute", "--config", str(path), "--runs-root", str(root / "runs"), "--teacher", "lower", code=2)
     assert "does not reproduce the bytes of" in out and "% of the train sequences" in out and "at most 1%" in out
     assert "lower" not in open_store(str(run_paths(cfg, root / "runs").store))["teachers"]
+
+
+def test_a_teacher_trained_on_its_own_unigram_tokenizer_is_cached_across_tokenizers(tmp_path):
+    lines = blimp_lines(paradigms=4, per_paradigm=30)
+    own = TeacherConfig("own", model=dataclasses.replace(TINY_LLAMA, max_position=48), train=tiny_train(max_steps=2),
+                        tokenizer=TeacherTokenizerConfig(vocab_size=300, model="unigram"))
+    cfg = make_run(tmp_path, [own], lines, cache=CacheConfig(k=4, batch_size=16))
+    paths = run_paths(cfg, tmp_path / "runs")
+    paths.corpus.mkdir(parents=True)
+    for split, part in (("train", lines[10:]), ("dev", lines[:10])):
+        (paths.corpus / f"{split}.txt").write_text("".join(line + "\n" for line in part))
+    model_dir = train_teacher(cfg, own, tmp_path / "runs")
+    assert sha256_file(model_dir / "tokenizer.json") != open_store(str(paths.store)).attrs["tokenizer_sha256"]
+    assert "Unigram" in (model_dir / "tokenizer.json").read_text()
+    assert train_teacher(cfg, own, tmp_path / "runs", resume=True) == model_dir  # its token store is reused
+    kdcache("precompute", "--config", cfg.source_path, "--runs-root", str(tmp_path / "runs"))
+    assert open_store(str(paths.store))["teachers/own"].attrs["kind"] == "cross_tokenizer"
+    assert verify_store(paths.store) == []
+    assert kdcache("upgrade", str(paths.store))  # a current store with a cross-tokenizer group is left as it is
+    assert verify_store(paths.store) == []
