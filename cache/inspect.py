@@ -296,11 +296,12 @@ def stats_text(s: dict) -> str:
     parts = [f"split {s['split']}: {s['num_sequences']} sampled sequences ({s['positions']} positions, seed {s['seed']})"]
     if s.get("cross_tokenizer"):
         rows = [[name, num(c["alignment_rate"]), num(c["teacher_tokens_per_position"]), num(c["bytes_per_position"]),
-                 num(c["topk_mass"]["mean"]), num(c["run_token_mass"]["mean"]), c["roundtrip_failed"]]
+                 num(c["topk_mass"]["mean"]), num(c["run_token_mass"]["mean"]), num(c["bits_per_byte"]),
+                 c["roundtrip_failed"]]
                 for name, c in s["cross_tokenizer"].items()]
         parts.append("cross-tokenizer teachers (masses at aligned positions, T = 1):\n" + table(
             ["teacher", "aligned", "its tokens/position", "bytes/position", "top-k mass", "on run tokens",
-             "not round-tripped"], rows))
+             "bits/byte", "not round-tripped"], rows))
     if not s["teachers"]:
         return "\n\n".join(parts)
     return "\n\n".join(parts + [_same_tokenizer_stats_text(s)])

@@ -91,13 +91,14 @@ def cross_text(name: str, t: dict) -> list[str]:
 def cross_stats(root: zarr.Group, teacher: str, split: str, seqs: np.ndarray) -> dict:
     """Alignment rate, teacher tokens per run token, and the mass on run tokens at aligned positions (T = 1)."""
     attrs = root[f"{TEACHERS}/{teacher}"].attrs.asdict()
-    names = ("t_byte_end", "t_topk_ids", "t_topk_logits", "t_lse", ALIGN)
+    names = ("t_byte_end", "t_topk_ids", "t_topk_logits", "t_lse", "t_next_logit", ALIGN)
     a = read_group(root, teacher, split, seqs.tolist(), names)
     mapping, aligned = decode_vocab_map(attrs["vocab_map"]), a[ALIGN] >= 0
     at = np.maximum(a[ALIGN], 0)[..., None]
     logits = np.take_along_axis(a["t_topk_logits"].astype(np.float32), at, axis=1)
     ids = np.take_along_axis(a["t_topk_ids"].astype(np.int64), at, axis=1)
-    lse = np.take_along_axis(a["t_lse"][..., attrs["temperatures"].index(1.0)], a[ALIGN].clip(0), axis=1)
+    lse1 = a["t_lse"][..., attrs["temperatures"].index(1.0)]
+    lse = np.take_along_axis(lse1, a[ALIGN].clip(0), axis=1)
     p = np.exp(logits - lse[..., None])
     run_mass = np.where(aligned, (p * (mapping[ids] >= 0)).sum(-1), np.nan)
     positions = a[ALIGN].size
@@ -109,4 +110,15 @@ def cross_stats(root: zarr.Group, teacher: str, split: str, seqs: np.ndarray) ->
         "run_token_mass": st.summary(run_mass),
         "topk_mass": st.summary(np.where(aligned, p.sum(-1), np.nan)),
         "roundtrip_failed": attrs.get("roundtrip_failed", {}).get(split),
+        "bits_per_byte": bits_per_byte(a["t_byte_end"], a["t_next_logit"], lse1),
     }
+
+
+def bits_per_byte(byte_end: np.ndarray, next_logit: np.ndarray, lse: np.ndarray) -> float | None:
+    """The teacher's cross-entropy on its own next tokens per byte they cover, in bits (comparable across
+    tokenizers): each sequence's first token is not predicted, so its bytes are left out."""
+    count = (byte_end > 0).sum(-1)
+    has_next = np.arange(byte_end.shape[1]) < (count - 1)[:, None]
+    covered = np.where(count > 1, byte_end.max(-1) - byte_end[:, 0], 0).sum()
+    nats = -np.where(has_next, next_logit - lse, 0).sum()
+    return float(nats / covered / np.log(2)) if covered else None

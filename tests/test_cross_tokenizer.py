@@ -20,6 +20,7 @@ from helpers_train import TINY_LLAMA, blimp_lines, make_run, make_tokenizer, tin
 from kdcache.cache.schema import open_store, sha256_file
 from kdcache.cache.verify import verify_store
 from kdcache.cache.xtok import ragged_problem
+from kdcache.cache.xtok_inspect import bits_per_byte
 from kdcache.cli import main
 from kdcache.config import CacheConfig, DistillConfig, TeacherConfig, TeacherTokenizerConfig, load_config, run_paths
 from kdcache.precompute.cross_tokenizer import token_bytes
@@ -188,3 +189,31 @@ def test_a_teacher_trained_on_its_own_unigram_tokenizer_is_cached_across_tokeniz
     assert verify_store(paths.store) == []
     assert kdcache("upgrade", str(paths.store))  # a current store with a cross-tokenizer group is left as it is
     assert verify_store(paths.store) == []
+
+
+def test_bits_per_byte_is_the_teachers_own_cross_entropy_per_byte(run):
+    cfg, root = run
+    store = open_store(str(run_paths(cfg, root / "runs").store))
+    group = store["teachers/other/dev"]
+    model = AutoModelForCausalLM.from_pretrained(root / "other", dtype=torch.float32).eval()
+    nats, covered = 0.0, 0
+    for row in range(3):
+        ends = group["t_byte_end"][row]
+        n = int((ends > 0).sum())
+        ids = torch.from_numpy(group["t_tokens"][row, :n].astype(np.int64))
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(input_ids=ids[None]).logits[0], -1)
+        nats -= log_p[:-1].gather(-1, ids[1:, None]).sum().item()
+        covered += int(ends[n - 1] - ends[0])
+    want = nats / covered / np.log(2)
+    got = bits_per_byte(group["t_byte_end"][:3], group["t_next_logit"][:3], group["t_lse"][:3, :, 0])
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_ragged_layout_breaks_are_named():
+    ends, align = np.array([[2, 4, 6, 0], [3, 5, 0, 0]]), np.array([[0, -1, 1, 2], [-1, 0, 1, -1]])
+    assert ragged_problem(ends, align) is None
+    assert "padding (0) before" in ragged_problem(np.array([[2, 0, 6, 0], [3, 5, 0, 0]]), align)
+    assert "do not rise" in ragged_problem(np.array([[2, 2, 6, 0], [3, 5, 0, 0]]), align)
+    assert "outside" in ragged_problem(ends, np.array([[0, -1, 1, 3], [-1, 0, 1, -1]]))
+    assert "not strictly rising" in ragged_problem(ends, np.array([[1, -1, 0, 2], [-1, 0, 1, -1]]))
