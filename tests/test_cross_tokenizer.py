@@ -217,3 +217,17 @@ def test_ragged_layout_breaks_are_named():
     assert "do not rise" in ragged_problem(np.array([[2, 2, 6, 0], [3, 5, 0, 0]]), align)
     assert "outside" in ragged_problem(ends, np.array([[0, -1, 1, 3], [-1, 0, 1, -1]]))
     assert "not strictly rising" in ragged_problem(ends, np.array([[1, -1, 0, 2], [-1, 0, 1, -1]]))
+
+
+def test_a_teacher_whose_context_is_shorter_than_its_tokens_is_refused(run, tmp_path):
+    cfg, root = run
+    short = tmp_path / "short"
+    torch.manual_seed(3)
+    LlamaForCausalLM(LlamaConfig(vocab_size=OWN_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8)).save_pretrained(short)
+    PreTrainedTokenizerFast.from_pretrained(root / "own_tokenizer").save_pretrained(short)
+    data = dataclasses.replace(cfg, teachers=[TeacherConfig("short", pretrained=str(short))]).to_dict()
+    path = root / "tiny-short.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = kdcache("precompute", "--config", str(path), "--runs-root", str(root / "runs"), code=2)
+    assert "more than the teacher's 8 positions" in out
