@@ -24,9 +24,11 @@ from kdcache.cache.xtok_inspect import bits_per_byte
 from kdcache.cli import main
 from kdcache.config import CacheConfig, DistillConfig, TeacherConfig, TeacherTokenizerConfig, load_config, run_paths
 from kdcache.precompute.cross_tokenizer import token_bytes
+from kdcache.precompute.tokenizer import save_hf_directory, train_unigram
 from kdcache.precompute.teacher_training import train_teacher
 
 OWN_VOCAB = 400  # the run's tokenizer has helpers_train.VOCAB = 320
+UNIGRAM_VOCAB = 350  # a third tokenizer: byte-level Unigram, other segmentations
 
 
 def save_teacher(path: Path, tokenizer_dir: Path, vocab: int, seed: int) -> Path:
@@ -49,24 +51,32 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("xtok")
     lines = blimp_lines(paradigms=10, per_paradigm=40)
     own = make_tokenizer(root / "own_tokenizer", lines, vocab_size=OWN_VOCAB)
-    teachers = [TeacherConfig("same", pretrained=str(root / "same")), TeacherConfig("other", pretrained=str(root / "other"))]
+    unigram = root / "unigram_tokenizer"
+    unigram.mkdir()
+    text = root / "text.txt"
+    text.write_text("".join(line + "\n" for line in lines))
+    save_hf_directory(train_unigram(text, UNIGRAM_VOCAB), unigram / "hf")
+    teachers = [TeacherConfig("same", pretrained=str(root / "same")), TeacherConfig("other", pretrained=str(root / "other")),
+                TeacherConfig("uni", pretrained=str(root / "uni"))]
     cfg = make_run(root, teachers, lines, cache=CacheConfig(k=8, batch_size=16), student=TINY_LLAMA,
                    student_train=tiny_train(max_steps=3), distill=DistillConfig(temperature=1.0))
     paths = run_paths(cfg, root / "runs")
     save_teacher(root / "same", paths.tokenizer, 320, seed=0)
     save_teacher(root / "other", own, OWN_VOCAB, seed=1)
+    save_teacher(root / "uni", unigram / "hf", len(PreTrainedTokenizerFast.from_pretrained(unigram / "hf")), seed=4)
     kdcache("precompute", "--config", cfg.source_path, "--runs-root", str(root / "runs"))
     return cfg, root
 
 
-def test_teacher_tokens_are_the_sequence_bytes_and_align_on_shared_ends(run):
+@pytest.mark.parametrize("teacher", ["other", "uni"])
+def test_teacher_tokens_are_the_sequence_bytes_and_align_on_shared_ends(run, teacher):
     cfg, root = run
     store = open_store(str(run_paths(cfg, root / "runs").store))
-    group = store["teachers/other/train"]
-    attrs = store["teachers/other"].attrs
+    group = store[f"teachers/{teacher}/train"]
+    attrs = store[f"teachers/{teacher}"].attrs
     assert attrs["kind"] == "cross_tokenizer" and attrs["roundtrip_failed"] == {"train": 0, "dev": 0}
     run_bytes = token_bytes(Tokenizer.from_file(str(run_paths(cfg, root / "runs").tokenizer / "tokenizer.json")))
-    own_bytes = token_bytes(Tokenizer.from_file(str(root / "other" / "tokenizer.json")))
+    own_bytes = token_bytes(Tokenizer.from_file(str(root / teacher / "tokenizer.json")))
     tokens, own, ends, align = (group[name][...] if name != "tokens" else store["tokens/train"][...]
                                 for name in ("tokens", "t_tokens", "t_byte_end", "align"))
     for row in range(len(tokens)):
@@ -114,9 +124,10 @@ def test_verify_show_stats_inspect(run):
     assert "none of its tokens ends where this run token ends" in text and "other (own tokenizer)" in text
     stats = json.loads(kdcache("stats", store, "--sample", "8", "--json"))
     assert 0.5 < stats["cross_tokenizer"]["other"]["alignment_rate"] < 1 and list(stats["teachers"]) == ["same"]
+    assert 0.3 < stats["cross_tokenizer"]["uni"]["alignment_rate"] < 1
     assert "cross-tokenizer teachers" in kdcache("stats", store, "--sample", "8")
     summary = json.loads(kdcache("inspect", store, "--json"))
-    assert set(summary["teachers"]) == {"same", "other"}
+    assert set(summary["teachers"]) == {"same", "other", "uni"}
     kdcache("inspect", store)
 
 
