@@ -91,6 +91,8 @@ class TeacherTokenizerConfig:
     vocab_size: int
     min_frequency: int = 2
     model: Literal["bpe", "unigram"] = "bpe"  # unigram: byte-level Unigram LM (other segmentations than BPE's)
+    # its training sequences' length (default data.seq_len): at least as many of its tokens as a run sequence has
+    seq_len: int | None = None
 
 
 @dataclass

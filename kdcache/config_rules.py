@@ -75,6 +75,8 @@ def validate(cfg: Config) -> None:
         (bool(cfg.study.seeds) or not cfg.study.variants, "study.seeds must list at least one seed"),
         (0 <= cfg.cache.codec.clevel <= 9, f"cache.codec.clevel must be in 0..9, got {cfg.cache.codec.clevel}"),
     ]
+    checks += [(t.model.max_position >= t.tokenizer.seq_len, f"teachers[{i}].model.max_position must be >= "
+                f"teachers[{i}].tokenizer.seq_len") for i, t in enumerate(cfg.teachers) if t.tokenizer and t.tokenizer.seq_len]
     for key, m in [("student", cfg.student), *((f"teachers[{i}].model", t.model) for i, t in enumerate(cfg.teachers))]:
         checks += [(m.max_position >= cfg.data.seq_len, f"{key}.max_position must be >= data.seq_len"),
                    (m.num_heads < 1 or m.hidden_size % m.num_heads == 0,

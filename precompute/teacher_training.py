@@ -37,7 +37,8 @@ def own_token_store(cfg: Config, teacher: TeacherConfig, runs_root: str | Path) 
     texts = {split: paths.corpus / f"{split}.txt" for split in SPLITS}
     if missing := [str(p) for p in texts.values() if not p.is_file()]:
         raise StoreError(f"{missing[0]}: the run's cleaned text is missing (run `kdcache data` first)")
-    settings = {"tokenizer": dataclasses.asdict(teacher.tokenizer), "seq_len": cfg.data.seq_len,
+    data = dataclasses.replace(cfg.data, seq_len=teacher.tokenizer.seq_len or cfg.data.seq_len)
+    settings = {"tokenizer": dataclasses.asdict(teacher.tokenizer), "seq_len": data.seq_len,
                 "text": {split: sha256_file(p) for split, p in texts.items()}}
     marker = own.root / "token_settings.json"
     if marker.is_file() and json.loads(marker.read_text()) == settings and own.store.is_dir():
@@ -49,7 +50,7 @@ def own_token_store(cfg: Config, teacher: TeacherConfig, runs_root: str | Path) 
               for split, p in texts.items()}
     if own.store.exists():
         shutil.rmtree(own.store)
-    write_store(cfg, own, tokenizer, corpus)
+    write_store(dataclasses.replace(cfg, data=data), own, tokenizer, corpus)
     atomic_write(marker, json.dumps(settings).encode())
     return own
 
