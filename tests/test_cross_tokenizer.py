@@ -242,3 +242,9 @@ def test_a_teacher_whose_context_is_shorter_than_its_tokens_is_refused(run, tmp_
     path.write_text(yaml.safe_dump(data))
     out = kdcache("precompute", "--config", str(path), "--runs-root", str(root / "runs"), code=2)
     assert "more than the teacher's 8 positions" in out
+
+
+def test_online_kd_refuses_a_teacher_with_its_own_tokenizer(run):
+    config = linked_config(run, "d-online")
+    out = kdcache("distill", "--config", config, "--runs-root", str(run[1] / "runs"), "--online", code=2)
+    assert "teacher 'other' has its own tokenizer" in out
