@@ -19,6 +19,8 @@ from kdcache.cache import stats as st
 from kdcache.cache.layout import local_path
 from kdcache.cache.storage import StoreFiles
 from kdcache.cache.schema import TEACHERS, TOKENS, StoreError, completed_shards, sha256_file, splits, teacher_names
+from kdcache.cache.xtok import is_cross
+from kdcache.cache.xtok_inspect import cross_position_entry, cross_text
 
 # ---------------------------------------------------------------------------------------------------------------
 # Store access and metadata
@@ -187,6 +189,8 @@ def position_document(root: zarr.Group, store: str, split: str, seq: int, pos: i
     tokens = root[f"{TOKENS}/{split}"]
     n, length = tokens.shape
     row = tokens[seq]
+    cross = [t for t in teachers if is_cross(root[f"{TEACHERS}/{t}"].attrs.asdict())]
+    same = [t for t in teachers if t not in cross]
     # position L-1 predicts the first token of the next sequence: sequences are consecutive cuts of one stream
     next_id = int(row[pos + 1]) if pos + 1 < length else (int(tokens[seq + 1, 0]) if seq + 1 < n else None)
     return {
@@ -195,8 +199,9 @@ def position_document(root: zarr.Group, store: str, split: str, seq: int, pos: i
         "context_ids": row[: pos + 1].tolist(),
         "next_token": None if next_id is None else token_text(tokenizer, next_id),
         "next_token_id": next_id,
-        "teachers": {name: soft_target_entry(targets.position(pos), temperature, top, tokenizer)
-                     for name, targets in st.read_targets(root, teachers, split, seq).items()},
+        "teachers": {name: cross_position_entry(root, name, split, seq, pos, temperature, top, tokenizer)
+                     if name in cross else soft_target_entry(targets.position(pos), temperature, top, tokenizer)
+                     for name, targets in [*st.read_targets(root, same, split, seq).items(), *((c, None) for c in cross)]},
     }
 
 
@@ -256,9 +261,18 @@ def inspect_text(s: dict) -> str:
 
 
 def show_text(d: dict) -> str:
-    names = list(d["teachers"])
     head = [f"{d['split']} sequence {d['seq']} position {d['pos']}, T = {d['temperature']:g}",
             f"context:    {d['context']!r}", f"next token: {d['next_token']!r}"]
+    cross = {name: t for name, t in d["teachers"].items() if t.get("cross_tokenizer")}
+    lines = [line for name, t in cross.items() for line in cross_text(name, t)]
+    same = {name: t for name, t in d["teachers"].items() if name not in cross}
+    if not same:
+        return "\n".join(head + [""] + lines)
+    return _same_tokenizer_text({**d, "teachers": same}, head) + ("\n\n" + "\n".join(lines) if lines else "")
+
+
+def _same_tokenizer_text(d: dict, head: list[str]) -> str:
+    names = list(d["teachers"])
     for name, t in d["teachers"].items():
         if not t["exact"]:
             head.append(f"{name}: T = {d['temperature']:g} is not cached (have {t['temperatures']}): "
@@ -282,11 +296,25 @@ def bucket_mean(values: list[float | None], positions: np.ndarray) -> float | No
 
 
 def stats_text(s: dict) -> str:
+    parts = [f"split {s['split']}: {s['num_sequences']} sampled sequences ({s['positions']} positions, seed {s['seed']})"]
+    if s.get("cross_tokenizer"):
+        rows = [[name, num(c["alignment_rate"]), num(c["teacher_tokens_per_position"]), num(c["bytes_per_position"]),
+                 num(c["topk_mass"]["mean"]), num(c["run_token_mass"]["mean"]), num(c["bits_per_byte"]),
+                 c["roundtrip_failed"]]
+                for name, c in s["cross_tokenizer"].items()]
+        parts.append("cross-tokenizer teachers (masses at aligned positions, T = 1):\n" + table(
+            ["teacher", "aligned", "its tokens/position", "bytes/position", "top-k mass", "on run tokens",
+             "bits/byte", "not round-tripped"], rows))
+    if not s["teachers"]:
+        return "\n\n".join(parts)
+    return "\n\n".join(parts + [_same_tokenizer_stats_text(s)])
+
+
+def _same_tokenizer_stats_text(s: dict) -> str:
     curves = [(n, t, per_t[t]) for n, per_t in s["teachers"].items() for t in per_t]  # (teacher, temperature, stats)
     overall = [[n, t] + [num(m["topk_mass"][q]) for q in ("mean", "p5", "p50", "p95")]
                + [num(m["entropy"][q]) for q in ("mean", "p50")] for n, t, m in curves]
-    parts = [f"split {s['split']}: {s['num_sequences']} sampled sequences ({s['positions']} positions, seed {s['seed']})",
-             table(["teacher", "T", "top-k mass", "p5", "p50", "p95", "entropy", "p50"], overall)]
+    parts = [table(["teacher", "T", "top-k mass", "p5", "p50", "p95", "entropy", "p50"], overall)]
     if s["agreement"]:
         rows = [[" vs ".join(a["teachers"]), num(a["top1_match"]), num(a["topk_overlap"])]
                 + ["  ".join(f"T={t}: {num(j['mean'], 4)}" for t, j in a["jsd"].items())] for a in s["agreement"]]

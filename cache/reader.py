@@ -29,6 +29,7 @@ from kdcache.cache.manifest import (
 )
 from kdcache.cache.storage import Fingerprint, StoreFiles
 from kdcache.cache.schema import COMPLETE, TEACHERS, TOKENS, StoreError, check_store, open_store
+from kdcache.cache.xtok import axis_lengths
 
 BLOSC_HEADER = struct.Struct("<III")  # nbytes, blocksize, cbytes: bytes 4-16 of a blosc frame's header
 EXPECT_KEYS = {"tokenizer_sha", "vocab_size", "seq_len"}
@@ -209,8 +210,11 @@ class StoreReader:
                     seq_len=expect.get("seq_len"), teachers=teachers, split_names=[split],
                     require_complete=require_complete)
         paths = {"input_ids": f"{TOKENS}/{split}"}
+        lengths: dict[str, int] = {}  # arrays whose second axis is a cross-tokenizer group's teacher tokens
         for teacher in teachers:
             group = root[f"{TEACHERS}/{teacher}/{split}"]
+            lengths.update({f"{teacher}/{name}": n
+                            for name, n in axis_lengths(root[f"{TEACHERS}/{teacher}"].attrs.asdict()).items()})
             have = sorted(name for name in group.array_keys() if name != COMPLETE)
             for name in arrays.get(teacher) or have:
                 if name not in have:
@@ -222,7 +226,8 @@ class StoreReader:
                                                 shard_entries(manifest, path)) for key, path in paths.items()}
         self.paths = paths
         self.num_sequences, self.seq_len = self.readers["input_ids"].shape
-        if bad := [key for key, r in self.readers.items() if r.shape[:2] != (self.num_sequences, self.seq_len)]:
+        if bad := [key for key, r in self.readers.items()
+                   if r.shape[:2] != (self.num_sequences, lengths.get(key, self.seq_len))]:
             raise StoreError(f"{self.store}: arrays {bad} do not match tokens/{split} "
                              f"[{self.num_sequences}, {self.seq_len}]")
 

@@ -262,8 +262,10 @@ def create_teacher_split(
     teacher_attrs: dict[str, Any],
     per_shard: int,
     codec: CodecSettings,
+    axis_lengths: dict[str, int] | None = None,
 ) -> zarr.Group:
-    """Create `teachers/<teacher>/<split>` with empty arrays and an all-zero completion record."""
+    """Create `teachers/<teacher>/<split>` with empty arrays and an all-zero completion record. `axis_lengths`:
+    arrays whose second axis is not seq_len (a cross-tokenizer group's teacher tokens, cache.xtok)."""
     tokens = root[f"{TOKENS}/{split}"]
     n, seq_len = tokens.shape
     order = tokens.attrs.get("vocab_order")
@@ -274,7 +276,8 @@ def create_teacher_split(
     group = tgroup.require_group(split)
     group.attrs.update({"num_sequences": n, "per_shard": per_shard, "token_digest": tokens.attrs["digest"]})
     for name, spec in specs.items():
-        create_sharded_array(group, name, n, seq_len, spec, per_shard, codec, order_base64=order)
+        length = (axis_lengths or {}).get(name, seq_len)
+        create_sharded_array(group, name, n, length, spec, per_shard, codec, order_base64=order)
     group.create_array(COMPLETE, shape=(num_shards(n, per_shard),), chunks=(1,), dtype="uint8",
                        fill_value=0, compressors=[], overwrite=True)
     return group

@@ -17,6 +17,7 @@ import zarr
 
 from kdcache.cache.reader import StoreReader
 from kdcache.cache.schema import TEACHERS, StoreError, completed_shards
+from kdcache.cache.xtok import is_cross
 from kdcache.files import staged
 
 MASS_BINS = 20
@@ -189,9 +190,15 @@ def agreement(a: Targets, b: Targets) -> dict:
 
 
 def compute_stats(root: zarr.Group, split: str, teachers: list[str], sample: int, seed: int) -> dict:
+    """Soft-target statistics of same-tokenizer teachers; cross-tokenizer ones (cache.xtok) get their own."""
+    from kdcache.cache.xtok_inspect import cross_stats  # it builds on this module
+
     seqs = sample_sequences(root, teachers, split, sample, seed)
+    cross = [t for t in teachers if is_cross(root[f"{TEACHERS}/{t}"].attrs.asdict())]
+    teachers = [t for t in teachers if t not in cross]
     targets = read_targets(root, teachers, split, seqs)
     return {
+        "cross_tokenizer": {t: cross_stats(root, t, split, seqs) for t in cross},
         "split": split,
         "seed": seed,
         "num_sequences": int(seqs.size),

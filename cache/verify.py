@@ -4,8 +4,9 @@ Checked: every shard file of every complete shard is present with a valid index 
 decodes to the right size (chunk bytes carry a checksum only when the inner codec chain ends in crc32c; without
 one, most flipped bytes in a compressed chunk decode silently to other values); shapes and dtypes against
 `kdcache.cache.schema`; completeness; NaN/inf in float arrays; ids inside the vocabulary; top-k sorted
-descending; sample counts summing to `samples`; `complete` records of 0 or 1; words per sequence (when
-recorded) adding up to their total; and the attributes that tie it together (format version, tokenizer, token digests, `k`, temperatures). First, every file against the store's
+descending; sample counts summing to `samples`; a cross-tokenizer group's ragged layout (cache.xtok); `complete`
+records of 0 or 1; words per sequence (when recorded) adding up to their total; and the attributes that tie it
+together (format version, tokenizer, token digests, `k`, temperatures). First, every file against the store's
 manifest (`kdcache.cache.manifest`), or without one, every zarr.json for valid JSON: a damaged file is named
 before zarr parses it, and what zarr then fails to read is one line, never an exception.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -29,6 +29,7 @@ from kdcache.cache.manifest import (
 from kdcache.cache.reader import ShardedArrayReader
 from kdcache.cache.storage import StoreFiles
 from kdcache.cache.words import read_word_counts
+from kdcache.cache.xtok import ALIGN, axis_lengths, is_cross, ragged_problem, xtok_array_specs
 from kdcache.cache.schema import (
     COMPLETE, TEACHERS, TOKENS, WORDS, ArraySpec, StoreError, ids_dtype, num_shards, open_store,
     read_tokens, shard_range, splits, teacher_array_specs, teacher_names, token_digest,
@@ -163,6 +164,8 @@ def _verify_teacher_split(root: zarr.Group, files: StoreFiles, teacher: str, spl
         missing = np.flatnonzero(~done).tolist()
         problems.append(f"{path}: incomplete: {int(done.sum())}/{done.size} shards complete (not: {missing})")
     have = set(group.array_keys())
+    if is_cross(attrs):
+        return problems + _verify_cross_split(files, path, group, attrs, root.attrs["seq_len"], done, listed)
     hidden = {int(name.removeprefix("hidden_")): group[name].shape[-1] for name in have
               if name.startswith("hidden_") and not name.endswith("_scale")}
     specs = teacher_array_specs(attrs["k"], root.attrs["vocab_size"], len(attrs["temperatures"]),
@@ -175,11 +178,42 @@ def _verify_teacher_split(root: zarr.Group, files: StoreFiles, teacher: str, spl
     return problems
 
 
+def _verify_cross_split(files: StoreFiles, path: str, group: zarr.Group, attrs: dict[str, Any], seq_len: int,
+                        done: np.ndarray, listed: Entries | None) -> list[str]:
+    """A cross-tokenizer split (cache.xtok): its arrays on the teacher's token axis or the run's, teacher ids inside
+    the teacher's vocabulary, and the ragged layout (byte ends, alignment) of every complete shard."""
+    missing = [key for key in ("teacher_len", "teacher_vocab_size", "vocab_map") if key not in attrs]
+    if missing:
+        return [f"{path}: cross-tokenizer attributes {missing} missing"]
+    vocab, n = attrs["teacher_vocab_size"], group.attrs.get("num_sequences", 0)
+    specs, lengths = xtok_array_specs(attrs["k"], vocab, len(attrs["temperatures"])), axis_lengths(attrs)
+    have = set(group.array_keys())
+    problems = [f"{path}: array {name!r} missing" for name in sorted(specs) if name not in have]
+    for name in sorted(set(specs) & have):
+        checks = _value_checks(name.removeprefix("t_"), specs[name], vocab, 0) + (
+            [_ids_below(vocab)] if name == "t_tokens" else [])
+        problems += _verify_array(files, f"{path}/{name}", (n, lengths.get(name, seq_len)), specs[name], done,
+                                  checks, listed)
+    if problems:
+        return problems
+    ends, align = (_reader(files, f"{path}/{name}", listed) for name in ("t_byte_end", ALIGN))
+    for shard in np.flatnonzero(done).tolist():
+        rows = shard_range(shard, n, ends.per_shard)
+        if what := ragged_problem(ends.read_sequences(rows), align.read_sequences(rows)):
+            problems.append(f"{path}: {what} (shard {shard})")
+    return problems
+
+
+def _reader(files: StoreFiles, path: str, listed: Entries | None) -> ShardedArrayReader:
+    """The array at `path`, its shards checked against the manifest's entries when there is one."""
+    return ShardedArrayReader(files.under(path), listed=None if listed is None else shard_entries(listed, path))
+
+
 def _verify_array(files: StoreFiles, path: str, shape: tuple[int, int], spec: ArraySpec, done: np.ndarray | None,
                   checks: list[Check], listed: Entries | None) -> list[str]:
     """Decode every shard marked in `done` (None: every shard) and run `checks` on each."""
     try:
-        reader = ShardedArrayReader(files.under(path), listed=None if listed is None else shard_entries(listed, path))
+        reader = _reader(files, path, listed)
     except StoreError as e:
         return [str(e)]
     want = (*shape, *spec.trailing)

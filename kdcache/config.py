@@ -96,12 +96,25 @@ class TrainConfig:
 
 
 @dataclass
+class TeacherTokenizerConfig:
+    """A teacher trained on its own tokenizer (cross-tokenizer distillation, docs/cross-tokenizer.md): trained on
+    the run's cleaned train text like the run's, with its own vocabulary size and model."""
+
+    vocab_size: int
+    min_frequency: int = 2
+    model: Literal["bpe", "unigram"] = "bpe"  # unigram: byte-level Unigram LM (other segmentations than BPE's)
+    # its training sequences' length (default data.seq_len): at least as many of its tokens as a run sequence has
+    seq_len: int | None = None
+
+
+@dataclass
 class TeacherConfig:
     name: str
     model: ModelConfig = field(default_factory=ModelConfig)
     # A pretrained teacher (local HF directory or hub id) skips training.
     pretrained: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    tokenizer: TeacherTokenizerConfig | None = None  # None: the run's tokenizer
 
 
 
@@ -283,6 +296,10 @@ class RunPaths:
 
     def teacher(self, name: str) -> Path:  # training dir; the final HF model is <dir>/model
         return self.root / "teachers" / name
+
+    def teacher_run(self, name: str) -> RunPaths:
+        """A teacher with its own tokenizer keeps it and its token store in its directory (tokenizer/, cache.zarr)."""
+        return RunPaths(self.teacher(name))
 
     def teacher_model(self, teacher: TeacherConfig) -> str:
         """Where a teacher's weights come from: its `pretrained` directory or hub id, else what `kdcache teachers`

@@ -71,6 +71,8 @@ def validate(cfg: Config) -> None:
          f"distill.temperature {cfg.distill.temperature} != cache.sample_temperature {cfg.cache.sample_temperature}: "
          "form 'sampled' trains on draws made at cache.sample_temperature, so the two must agree"),
         (len(set(cfg.study.seeds)) == len(cfg.study.seeds), "study.seeds must be distinct"),
+        (not any(t.pretrained and t.tokenizer for t in cfg.teachers),
+         "teachers[].tokenizer trains a teacher's own tokenizer; a pretrained teacher brings its own (drop one)"),
         (bool(cfg.study.seeds) or not cfg.study.variants, "study.seeds must list at least one seed"),
         (0 <= cfg.cache.codec.clevel <= 9, f"cache.codec.clevel must be in 0..9, got {cfg.cache.codec.clevel}"),
         ("@" not in cfg.cache.store.partition("://")[2].partition("/")[0],
@@ -81,6 +83,8 @@ def validate(cfg: Config) -> None:
         counts = train.save_at_words if isinstance(train.save_at_words, list) else []
         checks.append((all(a < b for a, b in zip(counts, counts[1:])),
                        f"{key}.save_at_words {counts} must be increasing (each count once)"))
+    checks += [(t.model.max_position >= t.tokenizer.seq_len, f"teachers[{i}].model.max_position must be >= "
+                f"teachers[{i}].tokenizer.seq_len") for i, t in enumerate(cfg.teachers) if t.tokenizer and t.tokenizer.seq_len]
     for key, m in [("student", cfg.student), *((f"teachers[{i}].model", t.model) for i, t in enumerate(cfg.teachers))]:
         checks += [(m.max_position >= cfg.data.seq_len, f"{key}.max_position must be >= data.seq_len"),
                    (m.num_heads < 1 or m.hidden_size % m.num_heads == 0,

@@ -6,7 +6,7 @@ settings or another teacher is never extended (--overwrite recomputes it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zarr
@@ -29,9 +29,10 @@ class GroupPlan:
     name: str
     specs: dict[str, ArraySpec]
     attrs: dict[str, Any]
+    axis_lengths: dict[str, int] = field(default_factory=dict)  # arrays whose second axis is not seq_len
 
 
-def _common_attrs(cfg: Config, specs: dict[str, ArraySpec], modes: list[str], store_attrs: dict[str, Any],
+def common_attrs(cfg: Config, specs: dict[str, ArraySpec], modes: list[str], store_attrs: dict[str, Any],
                   precision: str) -> dict[str, Any]:
     return {
         "k": cfg.cache.k,
@@ -46,7 +47,7 @@ def _common_attrs(cfg: Config, specs: dict[str, ArraySpec], modes: list[str], st
     }
 
 
-def _with_digest(attrs: dict[str, Any]) -> dict[str, Any]:
+def with_digest(attrs: dict[str, Any]) -> dict[str, Any]:
     return {**attrs, "settings_digest": settings_digest(attrs)}
 
 
@@ -60,14 +61,14 @@ def teacher_plan(cfg: Config, teacher: Teacher, store_attrs: dict[str, Any], pre
     modes = ["topk"] + ["sampled"] * sampled + ["hidden"] * bool(teacher.hidden_layers)
     attrs = {
         **teacher.identity,
-        **_common_attrs(cfg, specs, modes, store_attrs, precision),
+        **common_attrs(cfg, specs, modes, store_attrs, precision),
         "hidden_layers": teacher.hidden_layers,
         "hidden_dtype": cache.hidden_dtype if teacher.hidden_layers else None,
         "samples": cache.samples,
         "sample_temperature": cache.sample_temperature if sampled else None,
         "sample_seed": cfg.seed if sampled else None,
     }
-    return GroupPlan(teacher.name, specs, _with_digest(attrs))
+    return GroupPlan(teacher.name, specs, with_digest(attrs))
 
 
 def ensemble_plan(cfg: Config, teachers: list[Teacher], store_attrs: dict[str, Any], precision: str) -> GroupPlan:
@@ -81,13 +82,13 @@ def ensemble_plan(cfg: Config, teachers: list[Teacher], store_attrs: dict[str, A
         "arch": ENSEMBLE,
         "ensemble_of": [t.name for t in teachers],
         "members": members,
-        **_common_attrs(cfg, specs, ["topk", "ensemble"], store_attrs, precision),
+        **common_attrs(cfg, specs, ["topk", "ensemble"], store_attrs, precision),
         "hidden_layers": [],
         "hidden_dtype": None,
         "samples": 0,
         "sample_temperature": None,
     }
-    return GroupPlan(ENSEMBLE, specs, _with_digest(attrs))
+    return GroupPlan(ENSEMBLE, specs, with_digest(attrs))
 
 
 def _mismatch(root: zarr.Group, plan: GroupPlan, split_names: list[str]) -> str | None:
@@ -118,7 +119,7 @@ def _create_groups(root: zarr.Group, plans: list[GroupPlan], cfg: Config, overwr
             # `complete` is created last: a split group without it was interrupted while being created.
             if f"{TEACHERS}/{plan.name}/{split}/{COMPLETE}" not in root:
                 create_teacher_split(root, plan.name, split, plan.specs, plan.attrs,
-                                     cfg.data.sequences_per_shard, cfg.cache.codec)
+                                     cfg.data.sequences_per_shard, cfg.cache.codec, plan.axis_lengths)
 
 
 def prepare_groups(root: zarr.Group, store: str, plans: list[GroupPlan], cfg: Config, overwrite: bool,

@@ -35,6 +35,7 @@ from kdcache.cache.lock import lock_store
 from kdcache.cache.layout import local_path
 from kdcache.cache.manifest import seal_store, unseal_store
 from kdcache.config import Config, ConfigError, run_paths
+from kdcache.precompute.cross_tokenizer import CrossTeacher, cross_pass, prepare_cross_teacher
 from kdcache.precompute.plan import GroupPlan, ensemble_plan, prepare_groups, teacher_plan
 from kdcache.precompute.targets import batch_targets, shard_generator
 from kdcache.precompute.teachers import Teacher, load_teacher, teacher_source
@@ -200,6 +201,16 @@ def _write_lock(store: str, d: Dist) -> Iterator[None]:
             lock.release()
 
 
+def _cross_teacher(cfg: Config, loaded: list[Teacher], root: zarr.Group, store: str, store_attrs: dict[str, Any],
+                   runs_root: str | os.PathLike, precision: str) -> CrossTeacher | None:
+    """The re-tokenised splits and plan of a pass's teacher with its own tokenizer, else None."""
+    own = [t.name for t in loaded if t.tokenizer]
+    if own and cfg.cache.ensemble:
+        raise ConfigError(f"{cfg.source_path}: cache.ensemble averages logits over one vocabulary; teachers {own} "
+                          "have their own tokenizers")
+    return prepare_cross_teacher(cfg, loaded[0], root, store, store_attrs, runs_root, precision) if own else None
+
+
 def _precompute(cfg: Config, runs_root: str | os.PathLike, overwrite: bool,
                 teachers: list[str] | tuple[str, ...] | None, d: Dist, store: str, writers: int | None) -> PrecomputeStats:
     writers = default_writers(d.device) if writers is None else writers
@@ -215,7 +226,8 @@ def _precompute(cfg: Config, runs_root: str | os.PathLike, overwrite: bool,
     for pass_names in [names] if cfg.cache.ensemble else [[name] for name in names]:
         loaded = [load_teacher(cfg, name, teacher_source(cfg, name, runs_root), store, store_attrs, d.device)
                   for name in pass_names]
-        plans = [teacher_plan(cfg, t, store_attrs, precision) for t in loaded]
+        cross = _cross_teacher(cfg, loaded, root, store, store_attrs, runs_root, precision)
+        plans = [cross.plan] if cross else [teacher_plan(cfg, t, store_attrs, precision) for t in loaded]
         if cfg.cache.ensemble:
             plans.append(ensemble_plan(cfg, loaded, store_attrs, precision))
         if d.main and (overwrite or not _complete(root, plans, cfg.cache.splits)):
@@ -223,7 +235,10 @@ def _precompute(cfg: Config, runs_root: str | os.PathLike, overwrite: bool,
         with refuse_full_disk(store, "creating the teacher groups"):
             prepare_groups(root, store, plans, cfg, overwrite, d)
         with torch.inference_mode():
-            stats.add(_run_pass(root, store, loaded, plans, cfg, d, writers))
+            if cross:
+                cross_pass(root, store, loaded[0], cross, cfg, d, stats)
+            else:
+                stats.add(_run_pass(root, store, loaded, plans, cfg, d, writers))
         del loaded
     barrier(d)
     if d.main:  # every rank's shards are in: record what the store now holds (cache.manifest)

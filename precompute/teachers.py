@@ -1,8 +1,9 @@
 """Which teacher precompute runs: where its weights come from, its identity, and its fit with the store.
 
 A teacher's identity (source, architecture, config, weights' sha256) goes into its group's attributes, so a
-group computed by another teacher is never extended. A teacher whose tokenizer or vocabulary differs from the
-store's is refused before its weights load.
+group computed by another teacher is never extended. A teacher whose own tokenizer (the tokenizer.json in its
+directory) differs from the store's is cached across tokenizers (precompute.cross_tokenizer); one with the
+store's tokenizer but another vocabulary size is refused before its weights load.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Teacher:
     model: PreTrainedModel
     identity: dict[str, Any]  # source, arch, config, weights_sha256
     hidden_layers: list[int]  # HF hidden_states indices (0 = embeddings)
+    tokenizer: str | None = None  # its own tokenizer.json when it differs from the store's (cross-tokenizer)
 
 
 def teacher_source(cfg: Config, name: str, runs_root: str | os.PathLike = "runs") -> str:
@@ -60,16 +62,10 @@ def weights_sha256(source: str, config: PretrainedConfig) -> str:
     return hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode()).hexdigest()
 
 
-def check_tokenizer(name: str, source: str, store: str, store_attrs: dict[str, Any]) -> None:
-    """Refuse a teacher whose tokenizer.json differs from the one the store's tokens were made with (the one check
-    that ties a teacher to the store's tokens)."""
+def own_tokenizer(source: str, store_sha: str) -> str | None:
+    """The teacher's tokenizer.json when it differs from the one the store's tokens were made with, else None."""
     path = cached_file(source, "tokenizer.json", _raise_exceptions_for_missing_entries=False)
-    store_sha = store_attrs["tokenizer_sha256"]
-    if path is not None and (sha := sha256_file(path)) != store_sha:
-        store_tokenizer = store_attrs.get("tokenizer_source", "the BPE `kdcache data` trained")
-        raise StoreError(f"teacher {name!r} ({source}) uses another tokenizer than the store {store}: its "
-                         f"tokenizer.json sha256 {sha}, the store's tokens were made by {store_tokenizer} "
-                         f"(tokenizer_sha256 {store_sha})")
+    return path if path is not None and sha256_file(path) != store_sha else None
 
 
 def check_teacher_vocab(name: str, source: str, store: str, store_attrs: dict[str, Any]) -> None:
@@ -83,11 +79,15 @@ def check_teacher_vocab(name: str, source: str, store: str, store_attrs: dict[st
 def load_teacher(cfg: Config, name: str, source: str, store: str, store_attrs: dict[str, Any],
                  device: torch.device) -> Teacher:
     """The teacher's model on `device` in eval mode, once its tokenizer, vocabulary and hidden layers fit."""
-    check_tokenizer(name, source, store, store_attrs)
-    check_teacher_vocab(name, source, store, store_attrs)
+    tokenizer = own_tokenizer(source, store_attrs["tokenizer_sha256"])
+    if tokenizer is None:  # the run's tokenizer: its vocabulary must be the store's, checked before weights load
+        check_teacher_vocab(name, source, store, store_attrs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     config = model.config
     layers = sorted(cfg.cache.hidden_layers.get(name, []))
+    if tokenizer is not None and layers:
+        raise ConfigError(f"{cfg.source_path}: cache.hidden_layers.{name}: teacher {name!r} ({source}) has its own "
+                          "tokenizer: its hidden states are not cached (their positions are not the run's)")
     bad = [layer for layer in layers if not 0 <= layer <= config.num_hidden_layers]
     if bad:
         raise ConfigError(f"{cfg.source_path}: cache.hidden_layers.{name}: {bad} out of range "
@@ -99,4 +99,4 @@ def load_teacher(cfg: Config, name: str, source: str, store: str, store_attrs: d
                    if k not in VOLATILE_CONFIG_KEYS},
         "weights_sha256": weights_sha256(source, config),
     }
-    return Teacher(name, model.to(device).eval(), identity, layers)
+    return Teacher(name, model.to(device).eval(), identity, layers, tokenizer)

@@ -53,6 +53,19 @@ def train_bpe(corpus_file: Path, vocab_size: int, min_frequency: int) -> Tokeniz
     return tokenizer
 
 
+def train_unigram(corpus_file: Path, vocab_size: int) -> Tokenizer:
+    """A byte-level Unigram LM tokenizer (a teacher's own, for cross-tokenizer distillation): the same normaliser,
+    pre-tokenizer, specials and byte coverage as `train_bpe`, but Unigram's segmentations instead of BPE's merges."""
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train([str(corpus_file)], trainer)
+    return tokenizer
+
+
 def save_hf_directory(tokenizer: Tokenizer, out_dir: Path) -> None:
     out_dir.mkdir(parents=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
@@ -70,9 +83,10 @@ def save_hf_directory(tokenizer: Tokenizer, out_dir: Path) -> None:
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
-def train_tokenizer(corpus_file: Path, vocab_size: int, min_frequency: int, out_dir: Path) -> PreTrainedTokenizerFast:
-    """Train on `corpus_file` and save to `out_dir` (replaced only once complete)."""
-    tokenizer = train_bpe(corpus_file, vocab_size, min_frequency)
+def train_tokenizer(corpus_file: Path, vocab_size: int, min_frequency: int, out_dir: Path,
+                    model: str = "bpe") -> PreTrainedTokenizerFast:
+    """Train on `corpus_file` (BPE, or a Unigram LM) and save to `out_dir` (replaced only once complete)."""
+    tokenizer = train_bpe(corpus_file, vocab_size, min_frequency) if model == "bpe" else train_unigram(corpus_file, vocab_size)
     with staged(out_dir) as tmp:
         save_hf_directory(tokenizer, tmp)
     return load_tokenizer(out_dir)

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kdcache.cache.schema import StoreError
+from kdcache.cache.schema import StoreError, tokenizer_sha256
 from kdcache.config import Config, run_paths
+from kdcache.precompute.teachers import own_tokenizer
 from kdcache.runtime import init_distributed
 from kdcache.student.lm import next_token_ce
 from kdcache.student.loop import LossFn
@@ -32,8 +33,12 @@ def load_online_teachers(cfg: Config, runs_root: str | Path, vocab_size: int) ->
     device = init_distributed().device
     paths = run_paths(cfg, runs_root)
     teachers = {}
+    run_tokenizer = tokenizer_sha256(paths.tokenizer)
     for t in cfg.teachers:
         source = paths.teacher_model(t)
+        if own_tokenizer(source, run_tokenizer) is not None:
+            raise StoreError(f"{source}: teacher {t.name!r} has its own tokenizer; online KD compares distributions id "
+                             "by id: distil it from the cache with form xtok_chunk or xtok_match")
         model = AutoModelForCausalLM.from_pretrained(source).to(device).eval().requires_grad_(False)
         if model.config.vocab_size != vocab_size:
             raise StoreError(f"{source}: teacher vocab_size {model.config.vocab_size} != store's {vocab_size}")

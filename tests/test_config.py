@@ -1,5 +1,6 @@
 """Config loading: the shipped configs load, and every kind of bad config names its file and key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from kdcache.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["demo", "strict_small", "mini_real"])
+@pytest.mark.parametrize("name", ["demo", "strict_small", "mini_real", "real_cpu_xtok"])
 def test_shipped_configs_load(name, monkeypatch):
     monkeypatch.setenv("BABYLM_DIR", "/data/babylm")
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
@@ -46,6 +47,11 @@ def write(tmp_path, text):
         ("name: x\nteachers: [{name: a, model: {hidden: 3}}]\n", "teachers[0].model: unknown key 'hidden'"),
         ("name: x\ncache: {temperatures: [2.0]}\n", "must include 1.0"),
         ("name: x\ncorpus: {kind: babylm}\n", "corpus.train must list"),
+        ("name: x\nteachers: [{name: a, tokenizer: {vocab_size: 300, seq_len: 512}}]\n",
+         "teachers[0].model.max_position must be >= teachers[0].tokenizer.seq_len"),
+        ("name: x\nteachers: [{name: a, pretrained: d, tokenizer: {vocab_size: 300}}]\n",
+         "a pretrained teacher brings its own"),
+        ("name: x\nteachers: [{name: a, tokenizer: {vocab_size: 100}}]\n", "teachers[0].tokenizer.vocab_size must be >= 259"),
         ("name: x\ncorpus: {kind: babylm, train: ['${NO_SUCH_VAR_KD}/t']}\n", "NO_SUCH_VAR_KD is not set"),
         ("", "empty"),
         ("name: [unclosed\n", "not valid YAML"),
@@ -84,7 +90,7 @@ def test_env_in_a_non_string_value_is_read_as_yaml(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("name: x\ndistill: {form: magic}\n", "distill.form: 'magic' is not one of ['renorm', 'sampled', 'seed_exact', 'tail']"),
+    ("name: x\ndistill: {form: magic}\n", "distill.form: 'magic' is not one of ['renorm', 'sampled', 'seed_exact', 'tail', 'xtok_chunk', 'xtok_match']"),
     ("name: x\nstudy: {variants: {v: {distill: {form: tial}}}}\n", "study.variants.v.distill.form: 'tial' is not one of"),
 ])
 def test_an_unknown_kd_form_is_refused_when_the_cli_loads_the_config(tmp_path, text, expected):
@@ -110,3 +116,17 @@ def test_the_real_text_study_config_has_the_variants_the_quality_study_needs():
     assert sampled.distill.form == "sampled" and sampled.distill.temperature == cfg.cache.sample_temperature
     assert cfg.variant("hidden", 1).distill.hidden.weight > 0 and cfg.cache.hidden_layers
     assert all(Path(p).name == "blimp" for p in cfg.eval.minimal_pair_dirs)
+
+
+def test_the_cross_tokenizer_study_config_distils_each_teacher_with_its_forms(monkeypatch):
+    monkeypatch.setenv("BABYLM_DIR", "/data/babylm")
+    cfg = load_config(REPO / "configs" / "real_cpu_xtok.yaml")
+    same, own = cfg.teachers
+    assert same.tokenizer is None and (own.tokenizer.vocab_size, own.tokenizer.model) == (8000, "unigram")
+    assert (same.model, same.train.epochs) == (dataclasses.replace(own.model, max_position=64), own.train.epochs)
+    forms = {name: (v.kind, cfg.variant(name, 1).distill.form, cfg.variant(name, 1).teacher_weights())
+             for name, v in cfg.study.variants.items()}
+    assert forms == {"ce": ("baseline", "tail", {"llama_b": 0.5}), "tail_b": ("kd", "tail", {"llama_b": 0.5}),
+                     "sampled_b": ("kd", "sampled", {"llama_b": 0.5}),
+                     "chunk_a": ("kd", "xtok_chunk", {"llama_b": 0, "llama_a": 0.5}),
+                     "match_a": ("kd", "xtok_match", {"llama_b": 0, "llama_a": 0.5})}

@@ -279,15 +279,17 @@ def test_two_ranks_match_one_rank(world):
     assert tree(store) == tree(world.full)
 
 
-def test_teacher_with_other_tokenizer_or_vocab_is_refused(world):
+def test_teacher_with_other_tokenizer_needs_the_run_tokenizer_or_vocab_is_refused(world):
+    # another tokenizer is cached across tokenizers (tests/test_cross_tokenizer.py), from the tokens' bytes: the
+    # run's tokenizer must be where the run keeps it
     other_tok = make_tokenizer(world.tmp / "other_tokenizer", seed=1)
     other = save_teacher(world.tmp / "other", "llama", world.vocab, other_tok, seed=3)
     cfg = dataclasses.replace(world.cfg, teachers=[TeacherConfig("other", pretrained=str(other))],
                               cache=CacheConfig(k=8))
     store = world.store("refused.zarr")
-    with pytest.raises(StoreError, match="another tokenizer") as e:
+    with pytest.raises(StoreError, match="a cross-tokenizer teacher needs the tokenizer") as e:
         precompute_targets(cfg, world.runs, store=store, device="cpu")
-    assert tokenizer_sha256(other_tok) in str(e.value) and tokenizer_sha256(world.tokdir) in str(e.value)
+    assert tokenizer_sha256(world.tokdir) in str(e.value) and str(run_paths(cfg, world.runs).tokenizer) in str(e.value)
 
     wide = save_teacher(world.tmp / "wide", "gpt2", world.vocab + 8, world.tokdir, seed=4)
     cfg = dataclasses.replace(cfg, teachers=[TeacherConfig("wide", pretrained=str(wide))])

@@ -13,11 +13,15 @@ from kdcache.student.kd.renorm import RenormForm
 from kdcache.student.kd.sampled import SampledForm
 from kdcache.student.kd.seed_exact import SeedExactForm
 from kdcache.student.kd.tail import TailForm
+from kdcache.student.kd.xtok_chunk import ChunkLikelihoodForm
+from kdcache.student.kd.xtok_match import TokenMatchForm
 
 register_kd_form(TailForm)
 register_kd_form(RenormForm)
 register_kd_form(SampledForm)
 register_kd_form(SeedExactForm)
+register_kd_form(ChunkLikelihoodForm)
+register_kd_form(TokenMatchForm)
 
 __all__ = ["DistillDataset", "KDForm", "KDLoss", "KDPlan", "Targets", "TeacherTargets", "distillation_loss",
            "kd_form", "known_forms", "register_kd_form"]

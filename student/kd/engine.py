@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kdcache.errors import KdcacheError
-from kdcache.student.kd.form import TINY, KDForm, plogp
+from kdcache.student.kd.form import TINY, KDForm, LabelForm, plogp
 
 MAX_CHUNK_POSITIONS = 4096
 CHUNK_ELEMENTS = 2**26  # positions x vocabulary per chunk: 256 MiB per float32 buffer, three at most
@@ -46,24 +46,58 @@ class _Rows(NamedTuple):
     p: Tensor  # [N, k]
     neg_entropy: Tensor  # [N]: sum p log p, tail class included
     p_tail: Tensor | None  # [N] for the tail form, else None
+    mass: Tensor | None = None  # [N] with p_tail: sum p + p_tail (1, or 0 where a cross-tokenizer form has no target)
+    first: Tensor | None = None  # [N, k] with p_tail: 1 at the first listing of an id in its row, 0 at a repeat
+    value: Tensor | None = None  # [N]: the term per row, for a label form (its p is the gradient's pseudo-target)
 
     def rows(self, sl: slice) -> _Rows:
-        p_tail = None if self.p_tail is None else self.p_tail[sl]
-        return _Rows(self.coef, self.ids[sl], self.p[sl], self.neg_entropy[sl], p_tail)
+        return _Rows(self.coef, *(None if x is None else x[sl] for x in self[1:]))
 
 
-def _prepare(teacher: TeacherTargets, n: int, vocab: int, temperature: float) -> _Rows:
+def _prepare(teacher: TeacherTargets, flat: Tensor, labels: Tensor, shape: tuple[int, int], temperature: float,
+             chunk_positions: int) -> _Rows:
     """Teacher-side work for all N positions at once ([N, k] is small), so the chunk loop only touches the student."""
-    form = teacher.form
-    if any(teacher.arrays.get(name) is None for name in form.arrays):
-        raise KdcacheError(f"teacher {teacher.name!r} ({form.name}) needs {', '.join(form.arrays)}")
+    form, (n, vocab) = teacher.form, flat.shape
+    if any(teacher.arrays.get(name) is None for name in (*form.arrays, *form.constants)):
+        raise KdcacheError(f"teacher {teacher.name!r} ({form.name}) needs {', '.join(form.arrays + form.constants)}")
+    coef = teacher.weight / n * temperature
+    if isinstance(form, LabelForm):
+        return _label_rows(form, teacher.arrays, flat, labels, shape, temperature, chunk_positions, coef)
     ids, p, log_p, p_tail = form.targets(teacher.arrays, vocab, temperature)
     neg_entropy = plogp(p, log_p).sum(-1)
+    mass = first = None
     if p_tail is not None:
         neg_entropy = neg_entropy + plogp(p_tail, p_tail.log())
-        p_tail = p_tail.reshape(n)
-    coef = teacher.weight / n * temperature
-    return _Rows(coef, ids.reshape(n, -1).long(), p.reshape(n, -1), neg_entropy.reshape(n), p_tail)
+        mass, p_tail, first = (p.sum(-1) + p_tail).reshape(n), p_tail.reshape(n), _first_listings(ids.reshape(n, -1))
+    return _Rows(coef, ids.reshape(n, -1).long(), p.reshape(n, -1), neg_entropy.reshape(n), p_tail, mass, first)
+
+
+def _first_listings(ids: Tensor) -> Tensor:
+    """[N, k]: 1 where an id is listed for the first time in its row (a cross-tokenizer form lists a padding id
+    several times, with p = 0), else 0."""
+    order = ids.argsort(dim=-1, stable=True)
+    ranked = ids.gather(-1, order)
+    repeat = torch.zeros_like(ranked, dtype=torch.bool)
+    repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+    return torch.ones(ids.shape, device=ids.device).scatter_(-1, order, (~repeat).float())
+
+
+def _label_rows(form: LabelForm, arrays: dict[str, Tensor], flat: Tensor, labels: Tensor, shape: tuple[int, int],
+                temperature: float, chunk_positions: int, coef: float) -> _Rows:
+    """A label form's rows: its term per position, and the pseudo-target p = -(d term / d s) / T^2 at the label,
+    which the chunk loop turns into coef·T·p·(q - onehot(label)) = weight/N · (d term/d s)·(onehot - q)/T."""
+    s = torch.zeros(flat.shape[0], device=flat.device)
+    for start in range(0, flat.shape[0], chunk_positions):
+        rows = slice(start, start + chunk_positions)
+        log_q = torch.log_softmax(flat[rows].float() / temperature, dim=-1)
+        s[rows] = log_q.gather(-1, labels[rows].clamp_min(0).unsqueeze(-1)).squeeze(-1) * (labels[rows] >= 0)
+    s = s.view(shape).requires_grad_()
+    with torch.enable_grad():
+        value = form.label_loss(s, arrays, temperature)
+        (grad,) = torch.autograd.grad(value.sum(), s)
+    p = (-grad / temperature**2).reshape(-1, 1)
+    ids = labels.clamp_min(0).unsqueeze(-1)
+    return _Rows(coef, ids, p, torch.zeros_like(s).reshape(-1), None, value=value.detach().reshape(-1))
 
 
 def _chunk_loss_and_grad(
@@ -79,8 +113,10 @@ def _chunk_loss_and_grad(
     Returns [CE sum, T^2 · KL sum per teacher]. With q = softmax(x/T), the gradients are
       CE:             softmax(x) - onehot(label), times hard_weight / #labels
       renorm/sampled: T·((sum p)·q - p scattered at the ids), times weight / N  (T^2 · 1/T from the chain rule)
-      tail:           T·(q_j - p_j) on the ids, T·q_j·(1 - p_tail/q_tail) elsewhere, times weight / N
-                      (the tail's target mass is spread in proportion to q inside the tail).
+      tail:           T·(m·q_j - p_j) on the ids, T·q_j·(m - p_tail/q_tail) elsewhere, times weight / N
+                      (the tail's target mass is spread in proportion to q inside the tail; m = sum p + p_tail is
+                      1, or 0 where a cross-tokenizer form has no target; an id listed twice counts once)
+      label forms:    as renorm/sampled with p = -(d term / d s) / T^2 at the label (kd.form.LabelForm).
     All math is float32; at most three [c, V] float32 buffers live at once.
     """
     log_q1 = torch.log_softmax(x, dim=-1, dtype=torch.float32)
@@ -98,7 +134,7 @@ def _chunk_loss_and_grad(
     q = log_q.exp_()  # at T == 1 this is also softmax(x) for the CE gradient
 
     for t, lq_ids in zip(targets, log_q_ids):
-        kl = t.neg_entropy - (t.p * lq_ids).sum(-1)
+        kl = t.neg_entropy - (t.p * lq_ids).sum(-1) if t.value is None else t.value
         if t.p_tail is None:
             row_coef += t.coef * t.p.sum(-1)
             sparse.append((t.ids, -t.coef * t.p))
@@ -108,8 +144,8 @@ def _chunk_loss_and_grad(
             q.scatter_(-1, t.ids, q_ids)
             kl = kl - t.p_tail * q_tail.log()
             ratio = t.p_tail / q_tail
-            row_coef += t.coef * (1 - ratio)
-            sparse.append((t.ids, t.coef * (q_ids * ratio.unsqueeze(-1) - t.p)))
+            row_coef += t.coef * (t.mass - ratio)
+            sparse.append((t.ids, t.coef * (q_ids * (ratio.unsqueeze(-1) * t.first) - t.p)))
         sums.append(kl.sum() * temperature**2)
 
     if grad_out is not None:
@@ -148,7 +184,7 @@ class _ChunkedDistillation(torch.autograd.Function):
         n = flat.shape[0]
         labels = _next_token_labels(input_ids)
         n_labels = batch * (length - 1)
-        targets = [_prepare(t, n, vocab, temperature) for t in teachers]
+        targets = [_prepare(t, flat, labels, (batch, length), temperature, chunk_positions) for t in teachers]
         grad = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
         sums = torch.zeros(1 + len(teachers), device=flat.device)
         for start in range(0, n, chunk_positions):

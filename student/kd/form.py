@@ -42,6 +42,8 @@ class KDForm(ABC):
 
     name: ClassVar[str]  # the config's distill.form
     arrays: ClassVar[tuple[str, ...]]  # read of each group, as "<group>/<array>" batch keys
+    # group attributes the dataset hands over as "<group>/<name>" tensors (cross-tokenizer: the vocab_map)
+    constants: ClassVar[tuple[str, ...]] = ()
 
     def groups(self, teacher_weights: dict[str, float], hard_weight: float, seq_len: int) -> dict[str, float]:
         """Store group -> KL weight: every teacher with a non-zero weight."""
@@ -58,6 +60,26 @@ class KDForm(ABC):
     @abstractmethod
     def kl(self, student_logits: Tensor, arrays: dict[str, Tensor], temperature: float) -> Tensor:
         """T^2 · KL per position, plain autograd: student logits [..., V] and the arrays [..., k] -> [...]."""
+
+
+class LabelForm(KDForm):
+    """A form whose term depends on the student only through its log-probabilities of the actual next tokens at T
+    (`s` [B, L], 0 at the last position): the engine computes them, takes the term's gradient in `s` by autograd,
+    and carries it to the logits analytically (d s_j / d x_j = (onehot(label_j) - q_j) / T)."""
+
+    @abstractmethod
+    def label_loss(self, s: Tensor, arrays: dict[str, Tensor], temperature: float) -> Tensor:
+        """The term per position [B, L] (T^2-scaled), differentiable in `s`."""
+
+    def targets(self, arrays: dict[str, Tensor], vocab_size: int, temperature: float) -> Targets:
+        raise NotImplementedError(f"{self.name}: a label form has no per-position target distribution")
+
+    def kl(self, student_logits: Tensor, arrays: dict[str, Tensor], temperature: float) -> Tensor:
+        """Plain autograd: `arrays` also holds "input_ids" [B, L] (the labels are input_ids shifted left)."""
+        ids = arrays["input_ids"].long()
+        log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+        s = torch.cat([log_q[:, :-1].gather(-1, ids[:, 1:, None])[..., 0], torch.zeros_like(log_q[:, :1, 0])], 1)
+        return self.label_loss(s, arrays, temperature)
 
 
 _FORMS: dict[str, type[KDForm]] = {}

@@ -23,9 +23,10 @@ class KDLoss(nn.Module):
         self.plan = plan
         self.form = kd_form(plan.form)
         self.chunk_positions = chunk_positions
+        self._keys = (*self.form.arrays, *self.form.constants)
 
     def forward(self, logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        teachers = [TeacherTargets(name, weight, self.form, {a: batch.get(f"{name}/{a}") for a in self.form.arrays})
+        teachers = [TeacherTargets(name, weight, self.form, {a: batch.get(f"{name}/{a}") for a in self._keys})
                     for name, weight in self.plan.weights.items()]
         return distillation_loss(logits, batch["input_ids"], teachers, self.plan.hard_weight, self.plan.temperature,
                                  self.chunk_positions)

@@ -9,7 +9,8 @@ import zarr
 
 from kdcache.cache import schema
 from kdcache.cache.schema import StoreError
-from kdcache.student.kd.form import kd_form
+from kdcache.cache.xtok import is_cross
+from kdcache.student.kd.form import KDForm, kd_form
 from kdcache.student.kd.hidden import HiddenPair
 
 
@@ -39,7 +40,8 @@ class KDPlan:
         weights = kind.groups(teachers, hard_weight, root.attrs["seq_len"])
         columns = {name: lse_column(root, name, temperature) for name in weights}
         for name in weights:
-            if why := kind.refuse(root[f"{schema.TEACHERS}/{name}"].attrs.asdict(), temperature):
+            attrs = root[f"{schema.TEACHERS}/{name}"].attrs.asdict()
+            if why := missing_arrays(kind, attrs) or kind.refuse(attrs, temperature):
                 raise StoreError(f"{root.store}: teacher group {name!r} {why}")
         return cls(weights, form, hard_weight, temperature, columns)
 
@@ -50,6 +52,16 @@ class KDPlan:
         for pair in self.hidden:
             arrays.setdefault(pair.teacher, []).extend(pair.arrays())
         return arrays
+
+
+def missing_arrays(form: KDForm, group_attrs: dict) -> str | None:
+    """Why a group lacks what `form` reads (its arrays, by the group's `dtypes`, and its constants), or None."""
+    have = set(group_attrs.get("dtypes", {}))
+    missing = [name for name in form.arrays if name not in have] + [c for c in form.constants if c not in group_attrs]
+    if not have or not missing:
+        return None
+    kind = "a cross-tokenizer group (forms xtok_chunk, xtok_match)" if is_cross(group_attrs) else "a same-tokenizer group"
+    return f"lacks {', '.join(missing)}, which form {form.name!r} reads: it is {kind} holding {', '.join(sorted(have))}"
 
 
 def lse_column(root: zarr.Group, group: str, temperature: float) -> int:
