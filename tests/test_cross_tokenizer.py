@@ -26,6 +26,7 @@ from kdcache.config import CacheConfig, DistillConfig, TeacherConfig, TeacherTok
 from kdcache.precompute.cross_tokenizer import token_bytes
 from kdcache.precompute.tokenizer import save_hf_directory, train_unigram
 from kdcache.precompute.teacher_training import train_teacher
+from kdcache.study.run import dev_bits_per_byte
 
 OWN_VOCAB = 400  # the run's tokenizer has helpers_train.VOCAB = 320
 UNIGRAM_VOCAB = 350  # a third tokenizer: byte-level Unigram, other segmentations
@@ -252,3 +253,13 @@ def test_online_kd_refuses_a_teacher_with_its_own_tokenizer(run):
     config = linked_config(run, "d-online")
     out = kdcache("distill", "--config", config, "--runs-root", str(run[1] / "runs"), "--online", code=2)
     assert "teacher 'other' has its own tokenizer" in out
+
+
+def test_a_teachers_dev_bits_per_byte_counts_the_bytes_of_its_dev_tokens(run):
+    cfg, root = run
+    paths = run_paths(cfg, root / "runs")
+    tokens = open_store(str(paths.store))["tokens/dev"][...]
+    tok = Tokenizer.from_file(str(paths.tokenizer / "tokenizer.json"))
+    text_bytes = sum(len(tok.decode(row.tolist()).encode()) for row in tokens)  # each row's text, decoded apart
+    want = 2.0 / (text_bytes / tokens.size) / np.log(2)
+    assert dev_bits_per_byte(2.0, paths.store, str(paths.tokenizer)) == pytest.approx(want, rel=0.02)

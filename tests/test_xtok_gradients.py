@@ -108,12 +108,14 @@ def test_match_form_gradient_is_that_of_the_matched_tokens_plus_tail_kl(temperat
     _grads("xtok_match", weight, hard, temperature, student, batch, objective)
 
 
+@pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("form", ["xtok_chunk", "xtok_match"])
-def test_each_form_kl_is_its_engine_value(form):
+def test_each_form_kl_is_its_engine_value(form, temperature):
     teacher, student, input_ids, own_ids, mapping = _setup(60)
-    arrays = {**_arrays(teacher, own_ids, 1.0), "vocab_map": mapping, "input_ids": input_ids}
+    arrays = {**_arrays(teacher, own_ids, temperature), "vocab_map": mapping, "input_ids": input_ids}
     batch = {"input_ids": input_ids, **{f"x/{k}": v for k, v in arrays.items() if k != "input_ids"}}
-    terms = KDLoss(KDPlan({"x": 1.0}, form, 0.0, 1.0, {"x": 0}))(student, batch)[1]
-    want = kd_form(form).kl(student, arrays, 1.0).mean()
+    index = TEMPERATURES.index(temperature)
+    terms = KDLoss(KDPlan({"x": 1.0}, form, 0.0, temperature, {"x": index}))(student, batch)[1]
+    want = kd_form(form).kl(student, arrays, temperature).mean()
     torch.testing.assert_close(terms["kl/x"], want, rtol=1e-5, atol=1e-7)
     assert want > 0

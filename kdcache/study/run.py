@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kdcache.config import Config, run_paths
+import numpy as np
+from tokenizers import Tokenizer
+
+from kdcache.cache.schema import open_store, read_tokens, tokenizer_sha256
+from kdcache.config import Config, TeacherConfig, run_paths
+from kdcache.precompute.cross_tokenizer import token_bytes
+from kdcache.precompute.teachers import own_tokenizer
 from kdcache.files import atomic_write
 from kdcache.runtime import barrier, init_distributed
 from kdcache.study.figure import plot_study, read_metrics
@@ -79,15 +86,32 @@ def teacher_results(cfg: Config, runs_root: str | Path = "runs") -> dict[str, di
     for teacher in cfg.teachers:
         path = paths.study / "teachers" / f"{teacher.name}.json"
         if not path.is_file():
-            report = evaluate_model(paths.teacher_model(teacher), store=paths.store,
-                                    pair_dirs=cfg.eval.minimal_pair_dirs, batch_size=cfg.eval.batch_size,
-                                    pairs_per_paradigm=cfg.eval.pairs_per_paradigm)
+            source, store = paths.teacher_model(teacher), teacher_store(cfg, teacher, runs_root)
+            report = evaluate_model(source, store=store, pair_dirs=cfg.eval.minimal_pair_dirs,
+                                    batch_size=cfg.eval.batch_size, pairs_per_paradigm=cfg.eval.pairs_per_paradigm)
             pairs = [r["mean"] for r in report["minimal_pairs"].values()]
-            atomic_write(path, json.dumps({"dev_ce": report["dev"]["ce"], "parameters": report["parameters"],
+            dev_ce = report["dev"]["ce"] if store else None
+            atomic_write(path, json.dumps({"dev_ce": dev_ce, "parameters": report["parameters"],
                                            "words_seen": report["words_seen"],
+                                           "bits_per_byte": dev_bits_per_byte(dev_ce, store, source) if store else None,
                                            "pairs": sum(pairs) / len(pairs) if pairs else None}, indent=2) + "\n")
         results[teacher.name] = json.loads(path.read_text())
     return results
+
+
+def teacher_store(cfg: Config, teacher: TeacherConfig, runs_root: str | Path) -> Path | None:
+    """The token store a teacher's dev CE is measured on: the run's, or its own when it was trained on its own
+    tokenizer; None for a pretrained teacher with another tokenizer (it has no store here)."""
+    paths = run_paths(cfg, runs_root)
+    if teacher.tokenizer is not None:
+        return paths.teacher_run(teacher.name).store
+    return None if own_tokenizer(paths.teacher_model(teacher), tokenizer_sha256(paths.tokenizer)) else paths.store
+
+
+def dev_bits_per_byte(dev_ce: float, store: Path, model_dir: str) -> float:
+    """Dev cross-entropy per byte in bits, comparable across tokenizers: nats per token / bytes per dev token / ln 2."""
+    lengths = np.array([len(b) for b in token_bytes(Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")))])
+    return dev_ce / lengths[read_tokens(open_store(str(store)), "dev")].mean() / math.log(2)
 
 
 def run_study(cfg: Config, runs_root: str | Path = "runs", echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -119,7 +143,9 @@ def write_study(cfg: Config, results: list[dict[str, Any]], runs_root: str | Pat
     overrides = "\n".join(f"- `{name}` ({v.kind}): distill {v.distill or '{}'}, student_train {v.student_train or '{}'}"
                           for name, v in cfg.study.variants.items())
     teacher_lines = "\n".join(
-        f"- teacher `{name}`: {r['parameters'] / 1e6:.2f}M parameters, dev CE {r['dev_ce']:.4f}"
+        f"- teacher `{name}`: {r['parameters'] / 1e6:.2f}M parameters"
+        + ("" if r["dev_ce"] is None else f", dev CE {r['dev_ce']:.4f}")
+        + ("" if r.get("bits_per_byte") is None else f" ({r['bits_per_byte']:.4f} bits per byte)")
         + ("" if r["pairs"] is None else f", minimal pairs {r['pairs']:.4f}")
         + ("" if r.get("words_seen") is None else f", {r['words_seen']:,} words seen in training")
         for name, r in teachers.items())

@@ -48,7 +48,7 @@ class _Rows(NamedTuple):
     p_tail: Tensor | None  # [N] for the tail form, else None
     mass: Tensor | None = None  # [N] with p_tail: sum p + p_tail (1, or 0 where a cross-tokenizer form has no target)
     first: Tensor | None = None  # [N, k] with p_tail: 1 at the first listing of an id in its row, 0 at a repeat
-    value: Tensor | None = None  # [N]: the term per row, for a label form (its p is the gradient's pseudo-target)
+    value: Tensor | None = None  # [N]: a label form's term per row / T^2 (its p is the gradient's pseudo-target)
 
     def rows(self, sl: slice) -> _Rows:
         return _Rows(self.coef, *(None if x is None else x[sl] for x in self[1:]))
@@ -73,8 +73,8 @@ def _prepare(teacher: TeacherTargets, flat: Tensor, labels: Tensor, shape: tuple
 
 
 def _first_listings(ids: Tensor) -> Tensor:
-    """[N, k]: 1 where an id is listed for the first time in its row (a cross-tokenizer form lists a padding id
-    several times, with p = 0), else 0."""
+    """[N, k]: 1 where an id is listed for the first time in its row (the token-matching form repeats an id, with
+    p = 0, in the slots of unmatched teacher tokens), else 0."""
     order = ids.argsort(dim=-1, stable=True)
     ranked = ids.gather(-1, order)
     repeat = torch.zeros_like(ranked, dtype=torch.bool)
@@ -97,7 +97,8 @@ def _label_rows(form: LabelForm, arrays: dict[str, Tensor], flat: Tensor, labels
         (grad,) = torch.autograd.grad(value.sum(), s)
     p = (-grad / temperature**2).reshape(-1, 1)
     ids = labels.clamp_min(0).unsqueeze(-1)
-    return _Rows(coef, ids, p, torch.zeros_like(s).reshape(-1), None, value=value.detach().reshape(-1))
+    # the chunk loop multiplies every term by T^2, which label_loss has already done
+    return _Rows(coef, ids, p, torch.zeros_like(s).reshape(-1), None, value=value.detach().reshape(-1) / temperature**2)
 
 
 def _chunk_loss_and_grad(
