@@ -21,6 +21,7 @@ import numpy as np
 from kdcache.cache.layout import local_path
 from kdcache.cache.shard_cache import ShardCache
 from kdcache.files import atomic_write
+from kdcache.progress import with_progress
 
 FETCH_CONCURRENCY = 32  # requests in flight while a batch's missing shards are fetched (KDCACHE_FETCH_CONCURRENCY)
 Fingerprint = Callable[[np.ndarray], str]  # a shard's bytes -> its manifest digest
@@ -121,7 +122,8 @@ class StoreFiles:
         if old:
             self.fs.rm(old)
         files = sorted(path.relative_to(source).as_posix() for path in _walk(source))
-        for rel in [rel for rel in files if rel != manifest] + [manifest]:
+        order = [rel for rel in files if rel != manifest] + [manifest]
+        for rel in with_progress(order, len(order), desc=f"upload {self.store}", unit="object"):
             self.fs.put_file(str(source / rel), self._url(rel))
 
     def shard(self, rel: str, digest: str | None = None, fingerprint: Fingerprint | None = None,
