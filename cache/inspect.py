@@ -18,7 +18,7 @@ import zarr
 from kdcache.cache import stats as st
 from kdcache.cache.layout import local_path
 from kdcache.cache.storage import StoreFiles
-from kdcache.cache.schema import TEACHERS, TOKENS, StoreError, completed_shards, sha256_file, splits, teacher_names
+from kdcache.cache.schema import TEACHERS, TOKENS, WORDS, StoreError, completed_shards, sha256_file, splits, teacher_names
 from kdcache.cache.xtok import is_cross
 from kdcache.cache.xtok_inspect import cross_position_entry, cross_text
 
@@ -97,7 +97,8 @@ def summarize(root: zarr.Group, store: str) -> dict:
         "vocab_size": attrs.get("vocab_size"),
         "tokenizer_sha256": attrs.get("tokenizer_sha256"),
         "splits": {
-            s: {"num_sequences": int(root[f"{TOKENS}/{s}"].shape[0]), **array_info(root[f"{TOKENS}/{s}"], sizes)}
+            s: {"num_sequences": int(root[f"{TOKENS}/{s}"].shape[0]), "words": words_in_sequences(root, s),
+                **array_info(root[f"{TOKENS}/{s}"], sizes)}
             for s in splits(root)
         },
         "teachers": {t: teacher_summary(root, t, sizes) for t in teacher_names(root)},
@@ -236,12 +237,21 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     )
 
 
+def words_in_sequences(root: zarr.Group, split: str) -> int | None:
+    """The BabyLM words the split's sequences hold, from the metadata of `words/<split>` (None: not recorded)."""
+    if f"{WORDS}/{split}" not in root:
+        return None
+    attrs = root[f"{WORDS}/{split}"].attrs
+    return int(attrs["words"]) - int(attrs.get("dropped_words", 0))
+
+
 def inspect_text(s: dict) -> str:
     head = table(["store", s["store"]], [
         ["format", f"{s['format_version']} (kdcache {s['kdcache_version']})"],
         ["seq_len", s["seq_len"]], ["vocab_size", s["vocab_size"]], ["tokenizer", f"sha256 {s['tokenizer_sha256']}"],
     ])
-    split_rows = [[n, x["num_sequences"], x["num_sequences"] * s["seq_len"], human_bytes(x["bytes_on_disk"])]
+    split_rows = [[n, x["num_sequences"], x["num_sequences"] * s["seq_len"],
+                   "-" if x["words"] is None else x["words"], human_bytes(x["bytes_on_disk"])]
                   for n, x in s["splits"].items()]
     teacher_rows, array_rows = [], []
     for name, t in s["teachers"].items():
@@ -253,7 +263,7 @@ def inspect_text(s: dict) -> str:
         for array, a in t["arrays"].items():
             array_rows.append([f"{name}/{array}", "x".join(map(str, a["shape"])), a["dtype"], human_bytes(a["raw_bytes"]),
                                human_bytes(a["bytes_on_disk"]), num(a["compression_ratio"], 2), a["codecs"]])
-    parts = [head, table(["split", "sequences", "positions", "tokens on disk"], split_rows)]
+    parts = [head, table(["split", "sequences", "positions", "words", "tokens on disk"], split_rows)]
     if teacher_rows:
         header = ["teacher", "k", "modes", "T", "hidden", "shards complete", "on disk", "B/position", "ratio"]
         parts += [table(header, teacher_rows), table(["array", "shape", "dtype", "raw", "on disk", "ratio", "codecs"], array_rows)]

@@ -3,6 +3,7 @@ word's first token, summing to the text's words less the dropped tail; `kdcache 
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -65,6 +66,24 @@ def test_the_store_records_each_sequences_words(run):
         assert counts.tolist() == credited[: n * seq_len].reshape(n, seq_len).sum(1).tolist()
         assert attrs["dropped_words"] == credited[n * seq_len :].sum()
     assert verify_store(run.store) == []
+
+
+def test_inspect_lists_the_words_each_split_holds(run, tmp_path):
+    root = schema.open_store(str(run.store))
+    result = CliRunner().invoke(main, ["inspect", str(run.store), "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)["splits"]
+    assert {split: listed[split]["words"] for split in ("train", "dev")} == {
+        split: int(read_word_counts(root, split).sum()) for split in ("train", "dev")}
+    lines = CliRunner().invoke(main, ["inspect", str(run.store)]).output.splitlines()
+    header = next(line for line in lines if line.startswith("split "))
+    dev = next(line for line in lines if line.startswith("dev "))
+    assert header.split()[3] == "words" and dev.split()[3] == str(listed["dev"]["words"])
+    older = tmp_path / "older.zarr"  # a store written before kdcache counted words
+    shutil.copytree(run.store, older)
+    shutil.rmtree(older / WORDS)
+    seal_store(older)
+    assert json.loads(CliRunner().invoke(main, ["inspect", str(older), "--json"]).output)["splits"]["dev"]["words"] is None
 
 
 def test_upgrade_adds_the_words_to_a_store_written_without_them(run, tmp_path):
