@@ -56,7 +56,7 @@ class StoreFiles:
 
     def under(self, rel: str) -> StoreFiles:
         """The files below `rel` (an array's directory), sharing this store's shard cache."""
-        return StoreFiles(self.directory / rel if self.local else f"{self.store}/{rel}", self.cache)
+        return StoreFiles(self.name(rel), self.cache)
 
     def name(self, rel: str) -> str:
         """How errors name a file: its local path, or its URL."""

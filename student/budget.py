@@ -19,9 +19,8 @@ from kdcache.cache.words import read_word_counts
 from kdcache.config import Config, TrainConfig, run_paths
 from kdcache.student.checkpoint import TrainError
 from kdcache.student.loop import total_steps
-from kdcache.student.words import plan_words
+from kdcache.student.words import MILLION, plan_words
 
-MILLION = 1_000_000
 TRACK_LIMITS = {"strict-small": (10 * MILLION, 100 * MILLION), "strict": (100 * MILLION, 1000 * MILLION),
                 "interaction": (100 * MILLION, 1000 * MILLION)}  # track -> (corpus words, words seen)
 

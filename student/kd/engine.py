@@ -47,7 +47,7 @@ class _Rows(NamedTuple):
     neg_entropy: Tensor  # [N]: sum p log p, tail class included
     p_tail: Tensor | None  # [N] for the tail form, else None
     mass: Tensor | None = None  # [N] with p_tail: sum p + p_tail (1, or 0 where a cross-tokenizer form has no target)
-    first: Tensor | None = None  # [N, k] with p_tail: 1 at the first listing of an id in its row, 0 at a repeat
+    first: Tensor | None = None  # [N, k] where the form repeats ids: 1 at an id's first listing in its row, 0 at a repeat
     value: Tensor | None = None  # [N]: a label form's term per row / T^2 (its p is the gradient's pseudo-target)
 
     def rows(self, sl: slice) -> _Rows:
@@ -68,7 +68,8 @@ def _prepare(teacher: TeacherTargets, flat: Tensor, labels: Tensor, shape: tuple
     mass = first = None
     if p_tail is not None:
         neg_entropy = neg_entropy + plogp(p_tail, p_tail.log())
-        mass, p_tail, first = (p.sum(-1) + p_tail).reshape(n), p_tail.reshape(n), _first_listings(ids.reshape(n, -1))
+        mass, p_tail = (p.sum(-1) + p_tail).reshape(n), p_tail.reshape(n)
+        first = _first_listings(ids.reshape(n, -1)) if form.repeats_ids else None  # an argsort spared the rest
     return _Rows(coef, ids.reshape(n, -1).long(), p.reshape(n, -1), neg_entropy.reshape(n), p_tail, mass, first)
 
 
@@ -146,7 +147,8 @@ def _chunk_loss_and_grad(
             kl = kl - t.p_tail * q_tail.log()
             ratio = t.p_tail / q_tail
             row_coef += t.coef * (t.mass - ratio)
-            sparse.append((t.ids, t.coef * (q_ids * (ratio.unsqueeze(-1) * t.first) - t.p)))
+            spread = ratio.unsqueeze(-1) if t.first is None else ratio.unsqueeze(-1) * t.first
+            sparse.append((t.ids, t.coef * (q_ids * spread - t.p)))
         sums.append(kl.sum() * temperature**2)
 
     if grad_out is not None:

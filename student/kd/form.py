@@ -44,6 +44,8 @@ class KDForm(ABC):
     arrays: ClassVar[tuple[str, ...]]  # read of each group, as "<group>/<array>" batch keys
     # group attributes the dataset hands over as "<group>/<name>" tensors (cross-tokenizer: the vocab_map)
     constants: ClassVar[tuple[str, ...]] = ()
+    # whether `targets` may list an id twice in a row (with p = 0 at the repeats): the engine then counts it once
+    repeats_ids: ClassVar[bool] = False
 
     def groups(self, teacher_weights: dict[str, float], hard_weight: float, seq_len: int) -> dict[str, float]:
         """Store group -> KL weight: every teacher with a non-zero weight."""

@@ -44,6 +44,7 @@ class TokenMatchForm(KDForm):
 
     name = "xtok_match"
     arrays = ("align", "t_topk_logits", "t_topk_ids", "t_lse")
+    repeats_ids = True  # unmatched slots repeat the row's first matched id
     constants = ("vocab_map",)
 
     def targets(self, arrays: dict[str, Tensor], vocab_size: int, temperature: float) -> Targets:
