@@ -31,11 +31,17 @@ class TokenizerError(KdcacheError):
     """A tokenizer that cannot be trained or loaded; the message names the file."""
 
 
-def train_bpe(corpus_file: Path, vocab_size: int, min_frequency: int) -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
+def byte_level(model: models.Model) -> Tokenizer:
+    """An untrained tokenizer of `model` with the run's normaliser, byte-level pre-tokenizer and decoder."""
+    tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.NFKC()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_bpe(corpus_file: Path, vocab_size: int, min_frequency: int) -> Tokenizer:
+    tokenizer = byte_level(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
@@ -56,10 +62,7 @@ def train_bpe(corpus_file: Path, vocab_size: int, min_frequency: int) -> Tokeniz
 def train_unigram(corpus_file: Path, vocab_size: int) -> Tokenizer:
     """A byte-level Unigram LM tokenizer (a teacher's own, for cross-tokenizer distillation): the same normaliser,
     pre-tokenizer, specials and byte coverage as `train_bpe`, but Unigram's segmentations instead of BPE's merges."""
-    tokenizer = Tokenizer(models.Unigram())
-    tokenizer.normalizer = normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer = byte_level(models.Unigram())
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train([str(corpus_file)], trainer)
