@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import zarr
+
 from kdcache.cache import schema
 from kdcache.cache.manifest import checked_manifest
 from kdcache.cache.schema import StoreError
@@ -33,15 +36,18 @@ class PlannedModel:
     key: str
     train: TrainConfig
     seed: int
+    store: Path | None = None  # the token store it trains on (a teacher with its own tokenizer); None: the run's
 
 
 def student_models(cfg: Config, key: str = "student_train") -> list[PlannedModel]:
     return [PlannedModel("the student", key, cfg.student_train, cfg.seed)]
 
 
-def teacher_models(cfg: Config, names: tuple[str, ...] = ()) -> list[PlannedModel]:
-    """The teachers kdcache trains (every one, or those named), pretrained ones left out."""
-    return [PlannedModel(f"teacher {t.name}", f"teachers[{i}].train", t.train, cfg.seed)
+def teacher_models(cfg: Config, names: tuple[str, ...] = (), stores: dict[str, Path] | None = None) -> list[PlannedModel]:
+    """The teachers kdcache trains (every one, or those named), pretrained ones left out; `stores`: the own token
+    store of each teacher with its own tokenizer (its words and sequences are its own text's cut)."""
+    stores = stores or {}
+    return [PlannedModel(f"teacher {t.name}", f"teachers[{i}].train", t.train, cfg.seed, stores.get(t.name))
             for i, t in enumerate(cfg.teachers) if not t.pretrained and (not names or t.name in names)]
 
 
@@ -62,26 +68,34 @@ def _length_key(model: PlannedModel) -> str:
     return f"{model.key}.{field} {value:,}" if field == "max_steps" else f"{model.key}.{field} {value:g}"
 
 
-def check_word_budget(cfg: Config, runs_root: str | Path, models: list[PlannedModel]) -> dict[str, int | None]:
-    """The words each model will see (None when the store records no words); a run over the track's limits, or a
-    word schedule it cannot follow, is refused before anything is trained or written."""
-    store = run_paths(cfg, runs_root).store
+def _store_words(store: Path, track: str) -> tuple[zarr.Group, np.ndarray | None]:
+    """A token store's root and its words per train sequence (None: not recorded, refused when a track is set)."""
     checked_manifest(store, "train", [])  # a damaged token or words document is named before zarr reads it
     root = schema.open_store(str(store))
     words = read_word_counts(root, "train")
-    track = cfg.babylm.track
     if words is None and track != "none":
         raise StoreError(f"{store}: records no words per sequence (written by an older kdcache), so babylm.track "
                          f"{track} cannot be checked: run `kdcache upgrade {store}`")
+    return root, words
+
+
+def check_word_budget(cfg: Config, runs_root: str | Path, models: list[PlannedModel]) -> dict[str, int | None]:
+    """The words each model will see (None when the store records no words); a run over the track's limits, or a
+    word schedule it cannot follow, is refused before anything is trained or written."""
+    track = cfg.babylm.track
+    stores = {None: _store_words(run_paths(cfg, runs_root).store, track)}
     seen = {}
     for model in models:
+        if model.store not in stores:
+            stores[model.store] = _store_words(model.store, track)
+        root, words = stores[model.store]
         total = total_steps(model.train, root[f"{schema.TOKENS}/train"].shape[0])
         plan = plan_words(model.train, words, model.seed, total, f"{cfg.source_path}: {model.key}")
         seen[model.name] = plan.total if plan is not None else None
     if track == "none":
         return seen
     corpus_limit, seen_limit = TRACK_LIMITS[track]
-    corpus = root[f"{schema.WORDS}/train"].attrs["words"]
+    corpus = stores[None][0][f"{schema.WORDS}/train"].attrs["words"]
     if corpus > corpus_limit:
         raise TrainError(f"{cfg.source_path}: the train split holds {corpus:,} words, over the {track} track's "
                          f"{corpus_limit:,}-word corpus (babylm.track); use the track's corpus, or another track")

@@ -193,7 +193,11 @@ def test_a_teacher_trained_on_its_own_unigram_tokenizer_is_cached_across_tokeniz
     n_dev = int(len(lines) * 0.1)  # make_run's split (helpers_train.make_store)
     for split, part in (("train", lines[n_dev:]), ("dev", lines[:n_dev])):
         (paths.corpus / f"{split}.txt").write_text("".join(line + "\n" for line in part))
-    model_dir = train_teacher(cfg, own, tmp_path / "runs")
+    out = kdcache("teachers", "--config", cfg.source_path, "--runs-root", str(tmp_path / "runs"))
+    model_dir = paths.teacher("own") / "model"
+    # the budget was planned on its own token store: the words it announced are those its training counted
+    seen = json.loads((model_dir / "kdcache_training.json").read_text())["words_seen"]
+    assert seen > 0 and f"teacher own will see {seen:,} words" in out
     assert sha256_file(model_dir / "tokenizer.json") != open_store(str(paths.store)).attrs["tokenizer_sha256"]
     assert "Unigram" in (model_dir / "tokenizer.json").read_text()
     assert train_teacher(cfg, own, tmp_path / "runs", resume=True) == model_dir  # its token store is reused

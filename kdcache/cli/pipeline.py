@@ -61,13 +61,15 @@ def data(config_path: str, runs_root: str, overwrite: bool) -> None:
 def teachers(config_path: str, runs_root: str, names: tuple[str, ...], resume: bool) -> None:
     """Train the config's teachers on tokens/train; each lands in runs/<name>/teachers/<teacher>/model."""
     from kdcache.runtime import init_distributed
-    from kdcache.precompute.teacher_training import train_teacher
+    from kdcache.precompute.teacher_training import own_token_store, train_teacher
     from kdcache.student.budget import check_word_budget, teacher_models
 
     main = init_distributed().main
     cfg = load_run_config(config_path)
     chosen = [cfg.teacher(n) for n in names] if names else cfg.teachers
-    announce(main, check_word_budget(cfg, runs_root, teacher_models(cfg, tuple(t.name for t in chosen))))
+    # a teacher with its own tokenizer sees its own token store's words: made first, so its budget is exact
+    own = {t.name: own_token_store(cfg, t, runs_root).store for t in chosen if t.tokenizer and not t.pretrained}
+    announce(main, check_word_budget(cfg, runs_root, teacher_models(cfg, tuple(t.name for t in chosen), own)))
     for teacher in chosen:
         if teacher.pretrained:
             message = f"{teacher.name}: pretrained ({teacher.pretrained}), not trained"
