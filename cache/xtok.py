@@ -26,7 +26,7 @@ from kdcache.cache.schema import ArraySpec, ids_dtype
 KIND = "cross_tokenizer"  # the `kind` attribute of such a teacher group (same-tokenizer groups have none)
 TEACHER_AXIS = ("t_tokens", "t_byte_end", "t_topk_logits", "t_topk_ids", "t_lse", "t_next_logit")
 ALIGN = "align"  # the one array on the run's position axis
-NO_MATCH = -1  # vocab_map entry of a teacher token whose bytes are no run token; align entry of no shared boundary
+NO_MATCH = -1  # vocab_map / prefix_map entry with no counterpart; align entry of no shared boundary
 
 
 def is_cross(group_attrs: dict[str, Any]) -> bool:
@@ -54,7 +54,8 @@ def axis_lengths(group_attrs: dict[str, Any]) -> dict[str, int]:
 
 
 def encode_vocab_map(mapping: np.ndarray) -> str:
-    """The `vocab_map` attribute: base64 of the little-endian int32 run id of each teacher id (NO_MATCH: none)."""
+    """An id map attribute: base64 of little-endian int32 (`vocab_map`: the run id of each teacher id; `prefix_map`:
+    the teacher id of each run id; NO_MATCH: none)."""
     return base64.b64encode(np.asarray(mapping, dtype="<i4").tobytes()).decode("ascii")
 
 

@@ -136,6 +136,20 @@ def vocab_map(run_bytes: list[bytes], teacher_bytes: list[bytes]) -> np.ndarray:
     return np.array([by_bytes.get(b, NO_MATCH) if b else NO_MATCH for b in teacher_bytes], dtype=np.int64)
 
 
+def prefix_map(run_bytes: list[bytes], teacher_bytes: list[bytes]) -> np.ndarray:
+    """For each run id, the teacher id of the longest teacher token its bytes begin with (the teacher's first token
+    of that text, by longest match), else NO_MATCH."""
+    by_bytes: dict[bytes, int] = {}
+    for i, b in enumerate(teacher_bytes):
+        if b:
+            by_bytes.setdefault(b, i)
+    longest = max(map(len, by_bytes), default=0)
+    out = np.full(len(run_bytes), NO_MATCH, dtype=np.int64)
+    for i, b in enumerate(run_bytes):
+        out[i] = next((by_bytes[b[:n]] for n in range(min(len(b), longest), 0, -1) if b[:n] in by_bytes), NO_MATCH)
+    return out
+
+
 @dataclass
 class CrossTeacher:
     """What caching one cross-tokenizer teacher needs beside the teacher: every split re-tokenised, its plan."""
@@ -183,6 +197,7 @@ def prepare_cross_teacher(cfg: Config, teacher: Teacher, root: zarr.Group, store
         "teacher_vocab_size": vocab,
         "teacher_len": length,
         "vocab_map": encode_vocab_map(vocab_map(run_bytes, own_bytes)),
+        "prefix_map": encode_vocab_map(prefix_map(run_bytes, own_bytes)),
         "roundtrip_failed": {split: int(retok.failed.sum()) for split, retok in splits.items()},
         "hidden_layers": [], "hidden_dtype": None, "samples": 0, "sample_temperature": None,
     }

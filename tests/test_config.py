@@ -90,7 +90,7 @@ def test_env_in_a_non_string_value_is_read_as_yaml(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("name: x\ndistill: {form: magic}\n", "distill.form: 'magic' is not one of ['renorm', 'sampled', 'seed_exact', 'tail', 'xtok_chunk', 'xtok_match']"),
+    ("name: x\ndistill: {form: magic}\n", "distill.form: 'magic' is not one of ['renorm', 'sampled', 'seed_exact', 'tail', 'xtok_chunk', 'xtok_match', 'xtok_project']"),
     ("name: x\nstudy: {variants: {v: {distill: {form: tial}}}}\n", "study.variants.v.distill.form: 'tial' is not one of"),
 ])
 def test_an_unknown_kd_form_is_refused_when_the_cli_loads_the_config(tmp_path, text, expected):
@@ -129,4 +129,5 @@ def test_the_cross_tokenizer_study_config_distils_each_teacher_with_its_forms(mo
     assert forms == {"ce": ("baseline", "tail", {"llama_b": 0.5}), "tail_b": ("kd", "tail", {"llama_b": 0.5}),
                      "sampled_b": ("kd", "sampled", {"llama_b": 0.5}),
                      "chunk_a": ("kd", "xtok_chunk", {"llama_b": 0, "llama_a": 0.5}),
-                     "match_a": ("kd", "xtok_match", {"llama_b": 0, "llama_a": 0.5})}
+                     "match_a": ("kd", "xtok_match", {"llama_b": 0, "llama_a": 0.5}),
+                     "project_a": ("kd", "xtok_project", {"llama_b": 0, "llama_a": 0.5})}

@@ -19,11 +19,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from helpers_train import TINY_LLAMA, blimp_lines, make_run, make_tokenizer, tiny_train
 from kdcache.cache.schema import open_store, sha256_file
 from kdcache.cache.verify import verify_store
-from kdcache.cache.xtok import ragged_problem
+from kdcache.cache.xtok import decode_vocab_map, ragged_problem
 from kdcache.cache.xtok_inspect import bits_per_byte
 from kdcache.cli import main
 from kdcache.config import CacheConfig, DistillConfig, TeacherConfig, TeacherTokenizerConfig, load_config, run_paths
-from kdcache.precompute.cross_tokenizer import token_bytes
+from kdcache.precompute.cross_tokenizer import prefix_map, token_bytes
 from kdcache.precompute.tokenizer import save_hf_directory, train_unigram
 from kdcache.precompute.teacher_training import train_teacher
 from kdcache.study.run import dev_bits_per_byte
@@ -147,13 +147,24 @@ def linked_config(run, name: str, **distill) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("form", ["xtok_chunk", "xtok_match"])
+@pytest.mark.parametrize("form", ["xtok_chunk", "xtok_match", "xtok_project"])
 def test_each_cross_tokenizer_form_distils_from_the_store(run, form):
     config = linked_config(run, f"d-{form}", form=form, teacher_weights={"other": 0.5})
     kdcache("distill", "--config", config, "--runs-root", str(run[1] / "runs"))
     steps = [json.loads(line) for line in (run_paths(load_config(config), run[1] / "runs").student
                                             / "metrics.jsonl").read_text().splitlines() if '"kl/other"' in line]
     assert steps and all(np.isfinite(s["kl/other"]) and s["kl/other"] > 0 for s in steps)
+
+
+def test_each_run_token_counts_for_the_longest_teacher_token_it_begins_with(run):
+    run_bytes = [b"", b" the", b" theory", b"ory", b"x", b" th"]
+    teacher_bytes = [b"", b" th", b" the", b"or", b" theor", b"zz"]
+    assert prefix_map(run_bytes, teacher_bytes).tolist() == [-1, 2, 4, 3, -1, 1]
+    cfg, root = run  # in the store: one entry per run token, each a teacher id or -1
+    group = open_store(str(run_paths(cfg, root / "runs").store))["teachers/uni"].attrs
+    stored = decode_vocab_map(group["prefix_map"])
+    assert len(stored) == 320 and stored.min() >= -1 and stored.max() < group["teacher_vocab_size"]
+    assert (stored >= 0).mean() > 0.9
 
 
 def test_a_form_that_needs_arrays_the_group_lacks_is_refused_before_training(run):

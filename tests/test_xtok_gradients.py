@@ -31,6 +31,11 @@ def _setup(seed: int):
     return teacher, student, input_ids, own_ids, mapping
 
 
+def _prefix_map(seed: int) -> torch.Tensor:
+    """Run id -> the teacher id it counts for (-1: none): several run ids per teacher id, many teacher ids unused."""
+    return torch.randint(-1, VT // 2, (V,), generator=_gen(seed))
+
+
 def _arrays(teacher, own_ids, temperature):
     """What the store holds per teacher token (zero past each sequence's tokens), as the dataset hands it over."""
     arrays = topk_targets(teacher, K, TEMPERATURES)
@@ -109,10 +114,37 @@ def test_match_form_gradient_is_that_of_the_matched_tokens_plus_tail_kl(temperat
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
-@pytest.mark.parametrize("form", ["xtok_chunk", "xtok_match"])
+def test_projection_form_gradient_is_that_of_the_kl_in_the_teachers_vocabulary(temperature):
+    teacher, student, input_ids, own_ids, mapping = _setup(70)
+    prefix = _prefix_map(71)
+    weight, hard = 0.9, 0.4
+    batch = {"input_ids": input_ids, "x/vocab_map": mapping, "x/prefix_map": prefix,
+             **{f"x/{k}": v for k, v in _arrays(teacher, own_ids, temperature).items()}}
+
+    def objective(s):  # at aligned positions: KL over {teacher top-k ids some run id counts for} + one tail class
+        total = 0
+        for b in range(B):
+            for j, i in enumerate(ALIGN[b].tolist()):
+                if i < 0:
+                    continue
+                p_all = torch.softmax(teacher[b, i].double() / temperature, -1)
+                q_all = torch.softmax(s[b, j] / temperature, -1)
+                top = [t for t in teacher[b, i].topk(K).indices.tolist() if (prefix == t).any()]
+                p = p_all[top]
+                q = torch.stack([q_all[prefix == t].sum() for t in top]) if top else torch.zeros(0).double()
+                p_tail, q_tail = 1 - p.sum(), 1 - q.sum()
+                total = total + (p * (p.log() - q.log())).sum() + p_tail * (p_tail.log() - q_tail.log())
+        return weight * temperature**2 * total / (B * L) + hard * _hard_ce(s, input_ids)
+
+    _grads("xtok_project", weight, hard, temperature, student, batch, objective)
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("form", ["xtok_chunk", "xtok_match", "xtok_project"])
 def test_each_form_kl_is_its_engine_value(form, temperature):
     teacher, student, input_ids, own_ids, mapping = _setup(60)
-    arrays = {**_arrays(teacher, own_ids, temperature), "vocab_map": mapping, "input_ids": input_ids}
+    arrays = {**_arrays(teacher, own_ids, temperature), "vocab_map": mapping, "prefix_map": _prefix_map(61),
+              "input_ids": input_ids}
     batch = {"input_ids": input_ids, **{f"x/{k}": v for k, v in arrays.items() if k != "input_ids"}}
     index = TEMPERATURES.index(temperature)
     terms = KDLoss(KDPlan({"x": 1.0}, form, 0.0, temperature, {"x": index}))(student, batch)[1]

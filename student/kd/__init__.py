@@ -15,6 +15,7 @@ from kdcache.student.kd.seed_exact import SeedExactForm
 from kdcache.student.kd.tail import TailForm
 from kdcache.student.kd.xtok_chunk import ChunkLikelihoodForm
 from kdcache.student.kd.xtok_match import TokenMatchForm
+from kdcache.student.kd.xtok_project import ProjectionForm
 
 register_kd_form(TailForm)
 register_kd_form(RenormForm)
@@ -22,6 +23,7 @@ register_kd_form(SampledForm)
 register_kd_form(SeedExactForm)
 register_kd_form(ChunkLikelihoodForm)
 register_kd_form(TokenMatchForm)
+register_kd_form(ProjectionForm)
 
 __all__ = ["DistillDataset", "KDForm", "KDLoss", "KDPlan", "Targets", "TeacherTargets", "distillation_loss",
            "kd_form", "known_forms", "register_kd_form"]

@@ -49,9 +49,11 @@ class _Rows(NamedTuple):
     mass: Tensor | None = None  # [N] with p_tail: sum p + p_tail (1, or 0 where a cross-tokenizer form has no target)
     first: Tensor | None = None  # [N, k] where the form repeats ids: 1 at an id's first listing in its row, 0 at a repeat
     value: Tensor | None = None  # [N]: a label form's term per row / T^2 (its p is the gradient's pseudo-target)
+    classes: Tensor | None = None  # [V]: each student token's class, where the ids are classes (not per row)
+    class_count: int = 0
 
     def rows(self, sl: slice) -> _Rows:
-        return _Rows(self.coef, *(None if x is None else x[sl] for x in self[1:]))
+        return _Rows(self.coef, *(None if x is None else x[sl] for x in self[1:-2]), self.classes, self.class_count)
 
 
 def _prepare(teacher: TeacherTargets, flat: Tensor, labels: Tensor, shape: tuple[int, int], temperature: float,
@@ -63,14 +65,15 @@ def _prepare(teacher: TeacherTargets, flat: Tensor, labels: Tensor, shape: tuple
     coef = teacher.weight / n * temperature
     if isinstance(form, LabelForm):
         return _label_rows(form, teacher.arrays, flat, labels, shape, temperature, chunk_positions, coef)
-    ids, p, log_p, p_tail = form.targets(teacher.arrays, vocab, temperature)
+    ids, p, log_p, p_tail, classes = form.targets(teacher.arrays, vocab, temperature)
     neg_entropy = plogp(p, log_p).sum(-1)
     mass = first = None
     if p_tail is not None:
         neg_entropy = neg_entropy + plogp(p_tail, p_tail.log())
         mass, p_tail = (p.sum(-1) + p_tail).reshape(n), p_tail.reshape(n)
         first = _first_listings(ids.reshape(n, -1)) if form.repeats_ids else None  # an argsort spared the rest
-    return _Rows(coef, ids.reshape(n, -1).long(), p.reshape(n, -1), neg_entropy.reshape(n), p_tail, mass, first)
+    return _Rows(coef, ids.reshape(n, -1).long(), p.reshape(n, -1), neg_entropy.reshape(n), p_tail, mass, first,
+                 classes=classes, class_count=form.class_count(teacher.arrays))
 
 
 def _first_listings(ids: Tensor) -> Tensor:
@@ -119,7 +122,10 @@ def _chunk_loss_and_grad(
                       (the tail's target mass is spread in proportion to q inside the tail; m = sum p + p_tail is
                       1, or 0 where a cross-tokenizer form has no target; an id listed twice counts once)
       label forms:    as renorm/sampled with p = -(d term / d s) / T^2 at the label (kd.form.LabelForm).
-    All math is float32; at most three [c, V] float32 buffers live at once.
+      class forms:    T·q_v·(m - p_c/Q_c) with c the class of token v (Q_c: q summed over the class; the tail
+                      class outside the ids), times weight / N (kd.xtok_project).
+    All math is float32; at most three [c, V] float32 buffers live at once, and for a class form one [c, V] and one
+    [c, classes] more (the chunk is sized by the larger of V and the class count).
     """
     log_q1 = torch.log_softmax(x, dim=-1, dtype=torch.float32)
     valid = labels >= 0
@@ -132,19 +138,24 @@ def _chunk_loss_and_grad(
         log_q = torch.log_softmax(x.to(torch.float32, copy=True).div_(temperature), dim=-1)
     else:
         log_q = log_q1
-    log_q_ids = [log_q.gather(-1, t.ids) for t in targets]
+    log_q_ids = [None if t.classes is not None else log_q.gather(-1, t.ids) for t in targets]  # classes: not q's ids
     q = log_q.exp_()  # at T == 1 this is also softmax(x) for the CE gradient
 
+    factor = None  # [c, V], where a form's ids are classes: its per-token part of the gradient's q multiplier
     for t, lq_ids in zip(targets, log_q_ids):
-        kl = t.neg_entropy - (t.p * lq_ids).sum(-1) if t.value is None else t.value
-        if t.p_tail is None:
+        if t.classes is not None:
+            kl, ratio = _class_kl_and_ratio(q, t)
+            row_coef += t.coef * t.mass
+            factor = (0 if factor is None else factor) - t.coef * ratio.index_select(-1, t.classes)
+        elif t.p_tail is None:
+            kl = t.neg_entropy - (t.p * lq_ids).sum(-1) if t.value is None else t.value
             row_coef += t.coef * t.p.sum(-1)
             sparse.append((t.ids, -t.coef * t.p))
         else:
             q_ids = lq_ids.exp()
             q_tail = q.scatter_(-1, t.ids, 0.0).sum(-1).clamp_min(TINY)  # direct tail sum: no 1 - sum cancellation
             q.scatter_(-1, t.ids, q_ids)
-            kl = kl - t.p_tail * q_tail.log()
+            kl = t.neg_entropy - (t.p * lq_ids).sum(-1) - t.p_tail * q_tail.log()
             ratio = t.p_tail / q_tail
             row_coef += t.coef * (t.mass - ratio)
             spread = ratio.unsqueeze(-1) if t.first is None else ratio.unsqueeze(-1) * t.first
@@ -154,7 +165,7 @@ def _chunk_loss_and_grad(
     if grad_out is not None:
         if temperature == 1:
             row_coef += ce_rows
-        grad = q.mul_(row_coef.unsqueeze(-1))
+        grad = q.mul_(row_coef.unsqueeze(-1) if factor is None else factor.add_(row_coef.unsqueeze(-1)))
         for ids, values in sparse:
             grad.scatter_add_(-1, ids, values)
         if temperature != 1:  # add the CE's softmax(x) term while casting to the output
@@ -162,6 +173,17 @@ def _chunk_loss_and_grad(
         else:
             grad_out.copy_(grad)
     return torch.stack(sums)
+
+
+def _class_kl_and_ratio(q: Tensor, t: _Rows) -> tuple[Tensor, Tensor]:
+    """KL(p || Q) per row where the ids are classes of student tokens (Q: q summed by class), and p / Q per class
+    [c, class_count] (p_tail / Q_tail outside the ids): the gradient in x_v is T·q_v·(m - ratio[class(v)])."""
+    mass = q.new_zeros(q.shape[0], t.class_count).index_add_(-1, t.classes, q)
+    q_ids = mass.gather(-1, t.ids).clamp_min(TINY)
+    q_tail = mass.scatter_(-1, t.ids, 0.0).sum(-1).clamp_min(TINY)  # direct tail sum: no 1 - sum cancellation
+    kl = t.neg_entropy - (t.p * q_ids.log()).sum(-1) - t.p_tail * q_tail.log()
+    ratio = mass.copy_((t.p_tail / q_tail).unsqueeze(-1).expand_as(mass)).scatter_(-1, t.ids, t.p / q_ids)
+    return kl, ratio
 
 
 class _ChunkedDistillation(torch.autograd.Function):
@@ -235,7 +257,8 @@ def distillation_loss(
     chunk (`chunk_positions` per chunk; default: `default_chunk_positions` of V). Returns the total and detached
     per-term values: "hard_ce", "kl/<name>".
     """
-    chunk_positions = chunk_positions or default_chunk_positions(logits.shape[-1])
+    widest = max([logits.shape[-1]] + [t.form.class_count(t.arrays) for t in teachers])
+    chunk_positions = chunk_positions or default_chunk_positions(widest)
     total, means = _ChunkedDistillation.apply(logits, input_ids, hard_weight, teachers, temperature, chunk_positions)
     names = ["hard_ce"] + [f"kl/{t.name}" for t in teachers]
     return total, dict(zip(names, means.detach().unbind()))

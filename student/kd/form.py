@@ -30,6 +30,10 @@ class Targets(NamedTuple):
     p: Tensor
     log_p: Tensor
     p_tail: Tensor | None  # [...]: the mass outside the ids, as one more class (the tail form); else None
+    # [V]: where each student token's probability counts (a class id, the same id space as `ids`), when the ids are
+    # classes of student tokens rather than student tokens (cross-tokenizer projection); a class the ids do not
+    # list, at a position, belongs to its tail
+    classes: Tensor | None = None
 
 
 class KDForm(ABC):
@@ -50,6 +54,10 @@ class KDForm(ABC):
     def groups(self, teacher_weights: dict[str, float], hard_weight: float, seq_len: int) -> dict[str, float]:
         """Store group -> KL weight: every teacher with a non-zero weight."""
         return {name: weight for name, weight in teacher_weights.items() if weight}
+
+    def class_count(self, arrays: dict[str, Tensor]) -> int:
+        """How many classes `Targets.classes` maps the student's tokens into (0: the ids are student tokens)."""
+        return 0
 
     def refuse(self, group_attrs: dict, temperature: float) -> str | None:
         """Why a cached group cannot serve this form at `temperature` (None: it can)."""

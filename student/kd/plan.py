@@ -60,7 +60,7 @@ def missing_arrays(form: KDForm, group_attrs: dict) -> str | None:
     missing = [name for name in form.arrays if name not in have] + [c for c in form.constants if c not in group_attrs]
     if not have or not missing:
         return None
-    kind = "a cross-tokenizer group (forms xtok_chunk, xtok_match)" if is_cross(group_attrs) else "a same-tokenizer group"
+    kind = "a cross-tokenizer group (forms xtok_chunk, xtok_match, xtok_project)" if is_cross(group_attrs) else "a same-tokenizer group"
     return f"lacks {', '.join(missing)}, which form {form.name!r} reads: it is {kind} holding {', '.join(sorted(have))}"
 
 

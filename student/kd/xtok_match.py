@@ -51,7 +51,7 @@ class TokenMatchForm(KDForm):
         return matched_targets(arrays, temperature)
 
     def kl(self, student_logits: Tensor, arrays: dict[str, Tensor], temperature: float) -> Tensor:
-        ids, p, log_p, p_tail = matched_targets(arrays, temperature)
+        ids, p, log_p, p_tail, _ = matched_targets(arrays, temperature)
         log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
         listed = torch.zeros_like(log_q, dtype=torch.bool).scatter_(-1, ids, True)
         q_tail = torch.where(listed, 0, log_q.exp()).sum(-1)
