@@ -66,6 +66,23 @@ def _hard_ce(s, input_ids):
     return -log_q.mean()
 
 
+def _aligned_kl_with_tail(s, teacher, temperature, pick):
+    """Sum over aligned positions of KL(p || q) over the classes `pick` keeps plus one tail class, from dense
+    teacher logits; pick(teacher's top-k ids, student's q) -> (the teacher ids kept, the student's q of each)."""
+    total = 0
+    for b in range(B):
+        for j, i in enumerate(ALIGN[b].tolist()):
+            if i < 0:
+                continue
+            p_all = torch.softmax(teacher[b, i].double() / temperature, -1)
+            kept, q = pick(teacher[b, i].topk(K).indices.tolist(), torch.softmax(s[b, j] / temperature, -1))
+            p = p_all[kept]
+            q = torch.stack(q) if q else torch.zeros(0, dtype=torch.float64)
+            p_tail, q_tail = 1 - p.sum(), 1 - q.sum()
+            total = total + (p * (p.log() - q.log())).sum() + p_tail * (p_tail.log() - q_tail.log())
+    return total
+
+
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_chunk_form_gradient_is_that_of_the_binarised_chunk_likelihood_kl(temperature):
     teacher, student, input_ids, own_ids, _ = _setup(40)
@@ -94,20 +111,12 @@ def test_match_form_gradient_is_that_of_the_matched_tokens_plus_tail_kl(temperat
     batch = {"input_ids": input_ids, "x/vocab_map": mapping,
              **{f"x/{k}": v for k, v in _arrays(teacher, own_ids, temperature).items()}}
 
-    def objective(s):  # at aligned positions: KL over {teacher top-k ids that are run ids} + one tail class
-        total = 0
-        for b in range(B):
-            for j, i in enumerate(ALIGN[b].tolist()):
-                if i < 0:
-                    continue
-                p_all = torch.softmax(teacher[b, i].double() / temperature, -1)
-                q_all = torch.softmax(s[b, j] / temperature, -1)
-                top = teacher[b, i].topk(K).indices
-                pairs = [(p_all[t], int(mapping[t])) for t in top.tolist() if mapping[t] >= 0]
-                p = torch.stack([pt for pt, _ in pairs]) if pairs else torch.zeros(0, dtype=torch.float64)
-                q = q_all[[r for _, r in pairs]]
-                p_tail, q_tail = 1 - p.sum(), 1 - q.sum()
-                total = total + (p * (p.log() - q.log())).sum() + p_tail * (p_tail.log() - q_tail.log())
+    def matched(top, q_all):  # the teacher's top-k ids that are run ids, and the student's q of those run ids
+        kept = [t for t in top if mapping[t] >= 0]
+        return kept, [q_all[int(mapping[t])] for t in kept]
+
+    def objective(s):  # at aligned positions: KL over the matched ids + one tail class
+        total = _aligned_kl_with_tail(s, teacher, temperature, matched)
         return weight * temperature**2 * total / (B * L) + hard * _hard_ce(s, input_ids)
 
     _grads("xtok_match", weight, hard, temperature, student, batch, objective)
@@ -121,19 +130,12 @@ def test_projection_form_gradient_is_that_of_the_kl_in_the_teachers_vocabulary(t
     batch = {"input_ids": input_ids, "x/vocab_map": mapping, "x/prefix_map": prefix,
              **{f"x/{k}": v for k, v in _arrays(teacher, own_ids, temperature).items()}}
 
-    def objective(s):  # at aligned positions: KL over {teacher top-k ids some run id counts for} + one tail class
-        total = 0
-        for b in range(B):
-            for j, i in enumerate(ALIGN[b].tolist()):
-                if i < 0:
-                    continue
-                p_all = torch.softmax(teacher[b, i].double() / temperature, -1)
-                q_all = torch.softmax(s[b, j] / temperature, -1)
-                top = [t for t in teacher[b, i].topk(K).indices.tolist() if (prefix == t).any()]
-                p = p_all[top]
-                q = torch.stack([q_all[prefix == t].sum() for t in top]) if top else torch.zeros(0).double()
-                p_tail, q_tail = 1 - p.sum(), 1 - q.sum()
-                total = total + (p * (p.log() - q.log())).sum() + p_tail * (p_tail.log() - q_tail.log())
+    def projected(top, q_all):  # the top-k ids some run id counts for, and the student's q summed over those run ids
+        kept = [t for t in top if (prefix == t).any()]
+        return kept, [q_all[prefix == t].sum() for t in kept]
+
+    def objective(s):  # at aligned positions: KL over the projected classes + one tail class
+        total = _aligned_kl_with_tail(s, teacher, temperature, projected)
         return weight * temperature**2 * total / (B * L) + hard * _hard_ce(s, input_ids)
 
     _grads("xtok_project", weight, hard, temperature, student, batch, objective)

@@ -19,14 +19,20 @@ from torch import Tensor
 from kdcache.student.kd.form import TINY, KDForm, Targets, cross_entropy_terms, plogp
 
 
-def matched_targets(arrays: dict[str, Tensor], temperature: float) -> Targets:
-    """The teacher's distribution over matched run ids + tail at every run position [B, L, k] (0 where unaligned)."""
+def aligned_topk(arrays: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The alignment [B, L] and, at each run position, the teacher's top-k logits and ids [B, L, k] and lse [B, L]
+    at the teacher token ending there (that of token 0 where none does: masked by the callers)."""
     align = arrays["align"].long()
     at = align.clamp_min(0)
     k = arrays["t_topk_ids"].shape[-1]
     logits = arrays["t_topk_logits"].float().gather(1, at.unsqueeze(-1).expand(-1, -1, k))
     teacher_ids = arrays["t_topk_ids"].long().gather(1, at.unsqueeze(-1).expand(-1, -1, k))
-    lse = arrays["t_lse"].float().gather(1, at)
+    return align, logits, teacher_ids, arrays["t_lse"].float().gather(1, at)
+
+
+def matched_targets(arrays: dict[str, Tensor], temperature: float) -> Targets:
+    """The teacher's distribution over matched run ids + tail at every run position [B, L, k] (0 where unaligned)."""
+    align, logits, teacher_ids, lse = aligned_topk(arrays)
     run_ids = arrays["vocab_map"].long()[teacher_ids]
     matched = run_ids >= 0
     log_p = torch.where(matched, logits / temperature - lse.unsqueeze(-1), -torch.inf)

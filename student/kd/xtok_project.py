@@ -18,17 +18,13 @@ import torch
 from torch import Tensor
 
 from kdcache.student.kd.form import TINY, KDForm, Targets, cross_entropy_terms, plogp
+from kdcache.student.kd.xtok_match import aligned_topk
 
 
 def projected_targets(arrays: dict[str, Tensor], temperature: float) -> Targets:
     """The teacher's distribution over its top-k ids + tail at every run position [B, L, k] (0 where unaligned),
     and each run token's class: its prefix_map teacher id, or the last column (no teacher token: always tail)."""
-    align = arrays["align"].long()
-    at = align.clamp_min(0)
-    k = arrays["t_topk_ids"].shape[-1]
-    logits = arrays["t_topk_logits"].float().gather(1, at.unsqueeze(-1).expand(-1, -1, k))
-    teacher_ids = arrays["t_topk_ids"].long().gather(1, at.unsqueeze(-1).expand(-1, -1, k))
-    lse = arrays["t_lse"].float().gather(1, at)
+    align, logits, teacher_ids, lse = aligned_topk(arrays)
     prefix, none = arrays["prefix_map"].long(), len(arrays["vocab_map"])
     classes = torch.where(prefix >= 0, prefix, none)
     counted = torch.zeros(none + 1, dtype=torch.bool, device=prefix.device).index_fill_(0, classes, True)
