@@ -127,22 +127,25 @@ def retokenize(tokens: np.ndarray, run_bytes: list[bytes], teacher: Tokenizer, t
     return Retokenized(ids, ends, align, ~decodable)
 
 
-def vocab_map(run_bytes: list[bytes], teacher_bytes: list[bytes]) -> np.ndarray:
-    """For each teacher id, the run id of the same bytes (the first, if several), else NO_MATCH."""
+def _first_id_of_bytes(token_bytes: list[bytes]) -> dict[bytes, int]:
+    """Bytes -> the first id that stands for them (specials, b'', left out)."""
     by_bytes: dict[bytes, int] = {}
-    for i, b in enumerate(run_bytes):
+    for i, b in enumerate(token_bytes):
         if b:
             by_bytes.setdefault(b, i)
+    return by_bytes
+
+
+def vocab_map(run_bytes: list[bytes], teacher_bytes: list[bytes]) -> np.ndarray:
+    """For each teacher id, the run id of the same bytes (the first, if several), else NO_MATCH."""
+    by_bytes = _first_id_of_bytes(run_bytes)
     return np.array([by_bytes.get(b, NO_MATCH) if b else NO_MATCH for b in teacher_bytes], dtype=np.int64)
 
 
 def prefix_map(run_bytes: list[bytes], teacher_bytes: list[bytes]) -> np.ndarray:
     """For each run id, the teacher id of the longest teacher token its bytes begin with (the teacher's first token
     of that text, by longest match), else NO_MATCH."""
-    by_bytes: dict[bytes, int] = {}
-    for i, b in enumerate(teacher_bytes):
-        if b:
-            by_bytes.setdefault(b, i)
+    by_bytes = _first_id_of_bytes(teacher_bytes)
     longest = max(map(len, by_bytes), default=0)
     out = np.full(len(run_bytes), NO_MATCH, dtype=np.int64)
     for i, b in enumerate(run_bytes):

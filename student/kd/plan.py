@@ -10,7 +10,7 @@ import zarr
 from kdcache.cache import schema
 from kdcache.cache.schema import StoreError
 from kdcache.cache.xtok import is_cross
-from kdcache.student.kd.form import KDForm, kd_form
+from kdcache.student.kd.form import KDForm, kd_form, known_forms
 from kdcache.student.kd.hidden import HiddenPair
 
 
@@ -57,11 +57,18 @@ class KDPlan:
 def missing_arrays(form: KDForm, group_attrs: dict) -> str | None:
     """Why a group lacks what `form` reads (its arrays, by the group's `dtypes`, and its constants), or None."""
     have = set(group_attrs.get("dtypes", {}))
-    missing = [name for name in form.arrays if name not in have] + [c for c in form.constants if c not in group_attrs]
+    missing = _lacks(form, have, group_attrs)
     if not have or not missing:
         return None
-    kind = "a cross-tokenizer group (forms xtok_chunk, xtok_match, xtok_project)" if is_cross(group_attrs) else "a same-tokenizer group"
-    return f"lacks {', '.join(missing)}, which form {form.name!r} reads: it is {kind} holding {', '.join(sorted(have))}"
+    kind = "a cross-tokenizer group" if is_cross(group_attrs) else "a same-tokenizer group"
+    usable = [name for name in known_forms() if not _lacks(kd_form(name), have, group_attrs)]
+    return (f"lacks {', '.join(missing)}, which form {form.name!r} reads: it is {kind} holding {', '.join(sorted(have))}"
+            f" (forms that read it: {', '.join(usable) or 'none'})")
+
+
+def _lacks(form: KDForm, have: set[str], group_attrs: dict) -> list[str]:
+    """The arrays and constants `form` reads that a group holding arrays `have` lacks."""
+    return [name for name in form.arrays if name not in have] + [c for c in form.constants if c not in group_attrs]
 
 
 def lse_column(root: zarr.Group, group: str, temperature: float) -> int:
