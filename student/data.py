@@ -59,16 +59,21 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
+    """[steps per epoch, batch_size]: the sequences each optimizer step of `epoch` reads, over all ranks (the
+    remainder of the epoch's order is dropped)."""
+    per_epoch = n // batch_size
+    return epoch_order(seed, epoch, n)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+
+
 def cumulative_words(words: np.ndarray, batch_size: int, seed: int, total: int) -> np.ndarray:
     """Words seen after each optimizer step (int64 [total + 1], 0 first): the words of the sequences every step reads
     in StepBatches' order, summed over all ranks and micro-batches. A function of the step, like the order, so a
     resumed run counts exactly what the uninterrupted one would."""
-    n = len(words)
-    per_epoch = n // batch_size
+    per_epoch = len(words) // batch_size
     per_step = [np.zeros(0, np.int64)]
     for epoch in range(-(-total // per_epoch)):
-        batches = epoch_order(seed, epoch, n)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-        per_step.append(words[batches].sum(1))
+        per_step.append(words[epoch_batches(seed, epoch, len(words), batch_size)].sum(1))
     return np.concatenate([[0], np.cumsum(np.concatenate(per_step)[:total])]).astype(np.int64)
 
 
@@ -84,12 +89,12 @@ class StepBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         per_epoch = self.n // self.batch_size
-        order, order_epoch = None, -1
+        batches, batches_epoch = None, -1
         for step in range(self.start, self.total):
             epoch, offset = divmod(step, per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(self.seed, epoch, self.n), epoch
-            batch = order[offset * self.batch_size : (offset + 1) * self.batch_size]
+            if epoch != batches_epoch:
+                batches, batches_epoch = epoch_batches(self.seed, epoch, self.n, self.batch_size), epoch
+            batch = batches[offset]
             for micro in np.array_split(batch[self.d.rank :: self.d.world], self.grad_accum):
                 yield micro.tolist()
 
